@@ -1,0 +1,28 @@
+# Every install goes through constraints.txt (torch==2.13.0, the CPU wheel). GPU users:
+#   make setup CONSTRAINTS=my-gpu-constraints.txt
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= constraints.txt
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test bench replication clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test]"
+	touch $@
+
+demo: setup  ## the main job on the embedded tiny preset
+	$(BIN)/ctrlsafe generate --out runs/demo
+
+test: setup
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/ctrlsafe bench --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info ctrlsafe/_C*.so runs

@@ -1,0 +1,5 @@
+// Registration hooks of the CPU kernels; each lives in its own <op>.cpp.
+#pragma once
+#include <pybind11/pybind11.h>
+
+void register_all_ops(pybind11::module_& m);

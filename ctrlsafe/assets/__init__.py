@@ -1,0 +1,1 @@
+"""Data shipped with the package: example prompts for the default run."""

@@ -1,0 +1,84 @@
+"""Sampling op: per-row temperature / top-k / top-p / min-p, inverse CDF in vocabulary order.
+
+Contract (all implementations): given logits [B,V] and per-row tensors temperature fp32, top_k
+int64 (0 = off), top_p fp32 (1 = off), min_p fp32 (0 = off) and uniforms fp32 in [0,1), return
+(tokens int64, logprobs fp32, valid bool). The kept set of a row is, on z = logits / T:
+  1. top-k: z >= the k-th largest z (ties at the k-th value are all kept);
+  2. top-p: on the softmax p of the top-k survivors, p >= t for the largest t whose kept mass
+     sum(p >= t) reaches top_p (ties kept together; tiny top_p keeps just the max and its ties);
+  3. min-p: p >= min_p * max(p).
+The token is the first id (in vocabulary order) whose running kept mass exceeds u * (kept mass);
+logprob is log(p_token / kept mass). T = 0 is greedy: argmax of the raw logits (lowest id on
+ties) with its untempered, unfiltered log-softmax as logprob. Rows holding NaN or +inf, or only
+-inf, are invalid: token -1, logprob NaN, valid False.
+"""
+import torch
+
+from .dispatch import backend_for
+
+
+def sample_rows(logits, temperature, top_k, top_p, min_p, uniforms, *, backend=None):
+    impl = {"reference": reference, "cpu": cpu, "triton": triton}[backend_for(logits.device, backend)]
+    return impl(logits, temperature, top_k, top_p, min_p, uniforms)
+
+
+def invalid_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
+
+
+@torch.no_grad()
+def reference(logits, temperature, top_k, top_p, min_p, uniforms):
+    """The oracle: float64, full sort allowed."""
+    x = logits.double()
+    B, V = x.shape
+    invalid = invalid_rows(x)
+    x = torch.where(invalid[:, None], torch.zeros_like(x), x)
+    greedy = temperature == 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).double()
+    z = x / t[:, None]
+    sorted_z = z.sort(dim=-1, descending=True).values
+
+    keep = torch.ones_like(z, dtype=torch.bool)
+    k_on = (top_k > 0) & (top_k < V)
+    kth = sorted_z.gather(1, (top_k.clamp(1, V) - 1)[:, None])
+    keep &= ~k_on[:, None] | (z >= kth)
+
+    p = torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1)  # renormalised over top-k survivors
+    sorted_p = p.sort(dim=-1, descending=True).values
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    # the cut is the smallest prefix of the sorted list whose mass reaches top_p
+    n_keep = (mass_before < top_p.double()[:, None]).sum(-1).clamp(min=1)
+    threshold = sorted_p.gather(1, (n_keep - 1)[:, None])
+    p_on = top_p < 1
+    keep &= ~p_on[:, None] | (p >= threshold)
+
+    keep &= p >= min_p.double()[:, None] * p.max(-1, keepdim=True).values
+
+    q = torch.where(keep, p, torch.zeros_like(p))
+    total = q.sum(-1, keepdim=True)
+    cdf = q.cumsum(-1)
+    target = uniforms.double()[:, None] * total
+    token = (cdf <= target).sum(-1)
+    last_kept = V - 1 - keep.flip(-1).int().argmax(-1)
+    token = torch.minimum(token, last_kept)  # u * total rounding up to the full mass
+    logprob = (q.gather(1, token[:, None]) / total).log().squeeze(1)
+
+    greedy_token = x.argmax(-1)
+    greedy_logprob = torch.log_softmax(x, -1).gather(1, greedy_token[:, None]).squeeze(1)
+    token = torch.where(greedy, greedy_token, token)
+    logprob = torch.where(greedy, greedy_logprob, logprob)
+
+    token = torch.where(invalid, torch.full_like(token, -1), token)
+    logprob = torch.where(invalid, torch.full_like(logprob, float("nan")), logprob)
+    return token, logprob.float(), ~invalid
+
+
+def cpu(logits, temperature, top_k, top_p, min_p, uniforms):
+    # Filled in by the C++ kernel (csrc/sampling.cpp); until then the oracle serves.
+    return reference(logits, temperature, top_k, top_p, min_p, uniforms)
+
+
+def triton(logits, temperature, top_k, top_p, min_p, uniforms):
+    from ctrlsafe.kernels.sampling import sample as triton_sample
+
+    return triton_sample(logits, temperature, top_k, top_p, min_p, uniforms)

@@ -1,0 +1,40 @@
+"""Shared test setup: offline Hugging Face, a per-session preset cache, paths to ../shared."""
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def shared_path(*parts) -> Path:
+    """A file under ../shared: CI always has it (fail loudly there); elsewhere skip with a reason."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        if os.environ.get("CI"):
+            raise FileNotFoundError(f"{p} is missing; CI must have ../shared beside the clone")
+        pytest.skip(f"{p} not present (needs ../shared beside the checkout)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def stories260k() -> Path:
+    return shared_path("models", "stories260k")
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tmp_path_factory):
+    from ctrlsafe.presets import tiny
+
+    root = Path(os.environ.get("CTRLSAFE_TEST_CACHE", tmp_path_factory.getbasetemp().parent / "ctrlsafe-cache"))
+    return tiny(seed=0, root=root)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
