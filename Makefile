@@ -15,8 +15,8 @@ $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
-demo: setup  ## the main job on the embedded tiny preset
-	$(BIN)/ctrlsafe generate --out runs/demo
+demo: setup  ## the main job on the embedded tiny preset (--resume: a second `make demo` reuses the finished run)
+	$(BIN)/ctrlsafe generate --out runs/demo --resume
 
 test: setup
 	$(BIN)/pytest -q

@@ -3,3 +3,4 @@
 #include <pybind11/pybind11.h>
 
 void register_all_ops(pybind11::module_& m);
+void register_sampling(pybind11::module_& m);

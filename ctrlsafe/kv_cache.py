@@ -7,16 +7,33 @@ A row's query attends to [its prompt's prefix | its own suffix so far]; the two 
 attentions are computed separately and merged by log-sum-exp, so the prefix is never copied
 into the rows' storage.
 
+The prefix part is computed per prompt, not per row: the queries of all rows of one prompt are
+stacked into one matrix and multiplied by that prompt's keys once (a [P, Hkv, rows*T, Lp]
+batched matmul), so no step gathers a copy of the prefix for every row.
+
 Used by the generation engine (control suffixes and decoding) and by shared-prompt reward
 scoring. It implements the model's cache protocol: `attend(layer, q, k, v, positions)`.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .model import KVCache, ModelArgs
+
+
+@dataclass
+class _Groups:
+    """Where each selected row sits in a [prompts, rows_per_prompt] grid (built once per slot set)."""
+
+    prompts: torch.Tensor  # [P'] the distinct prompts of the selected rows
+    width: int  # max rows of one prompt
+    grid_rows: torch.Tensor  # [P' * width] row feeding each grid cell (padding cells repeat row 0)
+    cell: torch.Tensor  # [R] grid cell of each row
+    all_prompts: bool  # prompts == arange(P): the prefix tensors are used without a gather
+    contiguous: slice | None  # the slots as a slice when they are a contiguous range
 
 
 class PrefixCache:
@@ -28,7 +45,9 @@ class PrefixCache:
         shape = (S, args.num_key_value_heads, suffix_capacity, args.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
-        self.slots: torch.Tensor | None = None  # rows taking part in the next forward (None = all)
+        self._slots: torch.Tensor | None = None
+        self._groups: _Groups | None = None
+        self._step: tuple | None = None  # per-forward values shared by all layers (set at layer 0)
 
     @classmethod
     def from_prompts(cls, model, prompts: list[list[int]], row_prefix: torch.Tensor, suffix_capacity: int) -> "PrefixCache":
@@ -52,6 +71,30 @@ class PrefixCache:
         cache.prefix_hidden = hidden  # [P,Lp,H]; the last real position gives each prompt's next-token logits
         return cache
 
+    # -- slots --------------------------------------------------------------------------------
+    @property
+    def slots(self) -> torch.Tensor | None:
+        """Rows taking part in the next forward (None = all), in the order of the batch's rows."""
+        return self._slots
+
+    @slots.setter
+    def slots(self, value: torch.Tensor | None):
+        self._slots = value
+        self._groups = None
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Move slots `keep` (in that order) to slots 0..len(keep)-1; the other slots become free.
+
+        The engine calls this when rows retire, so the live rows stay a contiguous range whose
+        suffix keys are read as a view instead of a gather.
+        """
+        n = len(keep)
+        for store in (self.k, self.v):
+            for t in store:
+                t[:n] = t[keep]
+        self.row_prefix[:n] = self.row_prefix[keep].clone()
+        self.slots = torch.arange(n, device=keep.device)
+
     def storage_bytes(self) -> dict[str, int]:
         size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
         return {"prefix": size(self.prefix_k) + size(self.prefix_v), "rows": size(self.k) + size(self.v)}
@@ -60,28 +103,106 @@ class PrefixCache:
         """Absolute positions [R,T] of suffix offsets [R,T] in rows `slots` (prompt length + offset)."""
         return self.prefix_len[self.row_prefix[slots]][:, None] + offsets
 
+    # -- attention ----------------------------------------------------------------------------
     def attend(self, layer, q, k, v, positions):
-        slots = self.slots if self.slots is not None else torch.arange(q.shape[0], device=q.device)
         R, Hq, T, D = q.shape
-        prefix = self.row_prefix[slots]
-        plen = self.prefix_len[prefix]
-        offsets = positions - plen[:, None]  # [R,T] offsets inside each row's suffix
-        if int(offsets.min()) < 0 or int(offsets.max()) >= self.k[layer].shape[2]:
-            raise ValueError(f"suffix offset out of range 0..{self.k[layer].shape[2] - 1}")
+        if self._slots is None:
+            self.slots = torch.arange(R, device=q.device)
+        if layer == 0 or self._step is None:
+            self._step = self._prepare_step(positions)
+        offsets, Ls, suffix_mask, Lp, prefix_mask = self._step
+        slots, groups = self._slots, self._groups
         # write the new keys/values at each row's own offsets
         self.k[layer][slots[:, None].expand(R, T), :, offsets] = k.transpose(1, 2)
         self.v[layer][slots[:, None].expand(R, T), :, offsets] = v.transpose(1, 2)
 
-        Ls = int(offsets.max()) + 1
-        ks, vs = self.k[layer][slots, :, :Ls], self.v[layer][slots, :, :Ls]
-        suffix_mask = torch.arange(Ls, device=q.device)[None, None, :] <= offsets[:, :, None]  # causal [R,T,Ls]
+        rows = groups.contiguous if groups.contiguous is not None else slots
+        ks, vs = self.k[layer][rows, :, :Ls], self.v[layer][rows, :, :Ls]
         o2, lse2 = partial_attention(q, ks, vs, suffix_mask)
-
-        Lp = int(plen.max())
-        kp, vp = self.prefix_k[layer][prefix, :, :Lp], self.prefix_v[layer][prefix, :, :Lp]
-        prefix_mask = (torch.arange(Lp, device=q.device)[None, :] < plen[:, None])[:, None, :].expand(R, T, Lp)
-        o1, lse1 = partial_attention(q, kp, vp, prefix_mask)
+        o1, lse1 = self._prefix_attention(layer, q, Lp, prefix_mask)
         return merge_attention(o1, lse1, o2, lse2).to(q.dtype)
+
+    def _prepare_step(self, positions):
+        """Offsets, lengths and masks of one forward; the same for every layer."""
+        if self._groups is None:
+            self._groups = self._group(self._slots)
+        g = self._groups
+        plen = self.prefix_len[self.row_prefix[self._slots]]
+        offsets = positions - plen[:, None]  # [R,T] offsets inside each row's suffix
+        lo, hi = int(offsets.min()), int(offsets.max())
+        if lo < 0 or hi >= self.k[0].shape[2]:
+            raise ValueError(f"suffix offset out of range 0..{self.k[0].shape[2] - 1}")
+        Ls = hi + 1
+        suffix_mask = torch.arange(Ls, device=positions.device)[None, None, :] <= offsets[:, :, None]  # causal [R,T,Ls]
+        group_len = self.prefix_len[g.prompts]
+        Lp = int(group_len.max())
+        prefix_mask = torch.arange(Lp, device=positions.device)[None, :] < group_len[:, None]  # [P',Lp]
+        return offsets, Ls, suffix_mask, Lp, prefix_mask[:, None, None, :]
+
+    def _group(self, slots) -> _Groups:
+        rp = self.row_prefix[slots]
+        prompts, inv, counts = torch.unique(rp, return_inverse=True, return_counts=True)
+        R, width = len(slots), int(counts.max())
+        order = torch.argsort(inv, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(inv)
+        rank[order] = torch.arange(R, device=slots.device) - starts[inv[order]]
+        cell = inv * width + rank
+        grid_rows = torch.zeros(len(prompts) * width, dtype=torch.int64, device=slots.device)
+        grid_rows[cell] = torch.arange(R, device=slots.device)
+        P = len(self.prefix_len)
+        all_prompts = len(prompts) == P and bool((prompts == torch.arange(P, device=prompts.device)).all())
+        s0 = int(slots[0])
+        contiguous = slice(s0, s0 + R) if bool((slots == torch.arange(s0, s0 + R, device=slots.device)).all()) else None
+        return _Groups(prompts, width, grid_rows, cell, all_prompts, contiguous)
+
+    def _prefix_attention(self, layer, q, Lp, key_mask):
+        """Attention of every row over its prompt's prefix: one matmul per (prompt, kv head) for
+        all rows of that prompt. Returns out [R,Hq,T,D] and lse [R,Hq,T] (fp32)."""
+        g = self._groups
+        R, Hq, T, D = q.shape
+        P, W = len(g.prompts), g.width
+        Hkv = self.prefix_k[layer].shape[1]
+        kp, vp = self.prefix_k[layer], self.prefix_v[layer]
+        kp, vp = (kp[:, :, :Lp], vp[:, :, :Lp]) if g.all_prompts else (kp[g.prompts, :, :Lp], vp[g.prompts, :, :Lp])
+        grid = q[g.grid_rows].view(P, W, Hq, T, D)  # a prompt's rows side by side
+        if q.is_cuda and _flash_attn is not None:
+            return _flash_prefix(grid, kp, vp, self.prefix_len[g.prompts], g.cell)
+        # [P,W,Hkv,grp,T,D] -> [P,Hkv,W*grp*T,D]: every query of a prompt against its keys at once
+        qg = grid.view(P, W, Hkv, Hq // Hkv, T, D).transpose(1, 2).reshape(P, Hkv, -1, D)
+        out, lse = _attention_lse(qg, kp, vp, key_mask)
+        out = out.view(P, Hkv, W, Hq // Hkv, T, D).transpose(1, 2).reshape(P * W, Hq, T, D)[g.cell]
+        lse = lse.view(P, Hkv, W, Hq // Hkv, T).transpose(1, 2).reshape(P * W, Hq, T)[g.cell]
+        return out, lse
+
+
+try:  # flash-attn's kvcache kernel for the shared prefix on CUDA, when installed
+    from flash_attn import flash_attn_with_kvcache as _flash_attn
+except ImportError:
+    _flash_attn = None
+
+
+def _flash_prefix(grid, kp, vp, lens, cell):
+    """The prefix attention with flash-attn: a prompt's W*T row queries are one query block over
+    its cached keys (non-causal; cache_seqlens masks the padding). Untested here (no GPU)."""
+    P, W, Hq, T, D = grid.shape
+    qf = grid.permute(0, 1, 3, 2, 4).reshape(P, W * T, Hq, D)
+    out, lse = _flash_attn(qf, kp.transpose(1, 2), vp.transpose(1, 2), cache_seqlens=lens.to(torch.int32),
+                           causal=False, return_softmax_lse=True)
+    out = out.view(P, W, T, Hq, D).permute(0, 1, 3, 2, 4).reshape(P * W, Hq, T, D)[cell]
+    lse = lse.view(P, Hq, W, T).transpose(1, 2).reshape(P * W, Hq, T)[cell]
+    return out.float(), lse.float()
+
+
+def _attention_lse(q, k, v, mask):
+    """Softmax attention of q [B,Hkv,M,D] over k/v [B,Hkv,L,D] with a boolean mask broadcastable
+    to [B,Hkv,M,L] (True = attend). Returns out [B,Hkv,M,D] and log-sum-exp [B,Hkv,M], fp32;
+    rows that attend to nothing get lse -inf and out 0."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.exp(scores - safe[..., None]) @ v.float(), lse
 
 
 def partial_attention(q, k, v, mask):
@@ -94,13 +215,7 @@ def partial_attention(q, k, v, mask):
     R, Hq, T, D = q.shape
     Hkv = k.shape[1]
     g = Hq // Hkv
-    qg = q.float().reshape(R, Hkv, g * T, D)
-    scores = (qg @ k.float().transpose(-1, -2)) * (1.0 / math.sqrt(D))  # [R,Hkv,g*T,L]
-    scores = scores.view(R, Hkv, g, T, -1).masked_fill(~mask[:, None, None], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [R,Hkv,g,T]; -inf where nothing is attended
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    probs = torch.exp(scores - safe[..., None])
-    out = probs.view(R, Hkv, g * T, -1) @ v.float()
+    out, lse = _attention_lse(q.reshape(R, Hkv, g * T, D), k, v, mask[:, None, None].expand(R, 1, g, T, -1).reshape(R, 1, g * T, -1))
     return out.view(R, Hq, T, D), lse.view(R, Hq, T)
 
 

@@ -259,6 +259,10 @@ class Transformer(nn.Module):
         state = {k.removeprefix("model."): v for k, v in state.items()}
         if args.tie_word_embeddings:
             state.pop("lm_head.weight", None)
+        # *ForSequenceClassification checkpoints carry a `score` head (read by ctrlsafe.reward), no LM head
+        headless = not args.tie_word_embeddings and (cfg.get("architectures") or [None])[0] in CLASSIFIER_ARCHITECTURES
+        if headless:
+            model.lm_head = None
         expected = {k for k in model.state_dict() if not (args.tie_word_embeddings and k == "lm_head.weight")}
         missing = expected - state.keys()
         if missing:

@@ -7,6 +7,7 @@ This module imports torch only (never transformers).
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -45,33 +46,39 @@ def sample(
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"logits dtype {logits.dtype} is not supported; allowed: float32, float16, bfloat16")
     B, device = logits.shape[0], logits.device
-    temperature = _rows("temperature", temperature, B, torch.float32, device)
-    top_k = _rows("top_k", top_k, B, torch.int64, device)
-    top_p = _rows("top_p", top_p, B, torch.float32, device)
-    min_p = _rows("min_p", min_p, B, torch.float32, device)
-    _check("temperature", temperature, (temperature >= 0) & torch.isfinite(temperature), ">= 0")
-    _check("top_k", top_k, top_k >= 0, ">= 0 (0 = off)")
-    _check("top_p", top_p, (top_p > 0) & (top_p <= 1), "in (0, 1]")
-    _check("min_p", min_p, (min_p >= 0) & (min_p <= 1), "in [0, 1]")
+    # Numbers stay numbers (validated in Python, broadcast by the kernel): a B=1 decode step
+    # then costs no tensor allocations beyond the outputs.
+    temperature = _param("temperature", temperature, B, torch.float32, device, lambda t: (t >= 0) & (t < float("inf")), ">= 0")
+    top_k = _param("top_k", top_k, B, torch.int64, device, lambda k: k >= 0, ">= 0 (0 = off)")
+    top_p = _param("top_p", top_p, B, torch.float32, device, lambda p: (p > 0) & (p <= 1), "in (0, 1]")
+    min_p = _param("min_p", min_p, B, torch.float32, device, lambda p: (p >= 0) & (p <= 1), "in [0, 1]")
     if uniforms is None:
         if seed is None:
-            seed = torch.randint(0, 2**62, (B,), dtype=torch.int64)
-        uniforms = counter_uniforms(_rows("seed", seed, B, torch.int64, device), _rows("step", step, B, torch.int64, device))
+            seed = torch.randint(0, 2**62, (B,), dtype=torch.int64, device=device)
+        seed = _param("seed", seed, B, torch.int64, device, _fits_int64, "a 64-bit integer")
+        step = _param("step", step, B, torch.int64, device, _fits_int64, "a 64-bit integer")
+        uniforms = counter_uniforms(seed, step)
     else:
-        uniforms = _rows("uniforms", uniforms, B, torch.float32, device)
-        _check("uniforms", uniforms, (uniforms >= 0) & (uniforms < 1), "in [0, 1)")
+        uniforms = _param("uniforms", uniforms, B, torch.float32, device, lambda u: (u >= 0) & (u < 1), "in [0, 1)")
     tokens, logprobs, valid = sample_rows(logits, temperature, top_k, top_p, min_p, uniforms, backend=backend)
     return SampleOutput(tokens, logprobs, valid)
 
 
-def counter_uniforms(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+def counter_uniforms(seed, step):
     """One uniform in [0,1) per row from (seed, step): murmur3's fmix32 chained over the 32-bit
     words (seed_lo, seed_hi, step_lo, step_hi), top 24 bits of the result / 2^24.
 
     Pure function of its inputs on any device; written with 16-bit limb multiplies so no int64
-    product overflows.
+    product overflows. Takes [B] int tensors (returns fp32 [B]) or Python ints (returns a float,
+    the same value).
     """
-    seed, step = seed.to(torch.int64), step.to(torch.int64)
+    if not isinstance(seed, torch.Tensor) and not isinstance(step, torch.Tensor):
+        h = 0x9E3779B9
+        for word in (seed & _M32, (seed >> 32) & _M32, step & _M32, (step >> 32) & _M32):
+            h = _fmix32(h ^ word)
+        return (h >> 8) * (1.0 / (1 << 24))
+    seed, step = torch.as_tensor(seed).to(torch.int64), torch.as_tensor(step).to(torch.int64)
+    seed, step = torch.broadcast_tensors(seed, step)
     h = torch.full_like(seed, 0x9E3779B9)
     for word in (seed & _M32, (seed >> 32) & _M32, step & _M32, (step >> 32) & _M32):
         h = _fmix32(h ^ word)
@@ -90,18 +97,31 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def _rows(name, value, B, dtype, device) -> torch.Tensor:
-    t = torch.as_tensor(value, device=device)
-    if t.dim() == 0:
-        return t.to(dtype).expand(B).contiguous()
-    if t.shape != (B,):
-        raise ValueError(f"{name} must be a scalar or shape [{B}] (one per row), got shape {tuple(t.shape)}")
-    if dtype.is_floating_point is False and t.is_floating_point():
-        raise ValueError(f"{name} must be an integer (tensor), got dtype {t.dtype}")
-    return t.to(dtype).contiguous()
+def _fits_int64(v):
+    return torch.ones_like(v, dtype=torch.bool) if isinstance(v, torch.Tensor) else -(2**63) <= v < 2**63
 
 
-def _check(name, values, ok, allowed):
-    if not bool(ok.all()):
-        row = int((~ok).nonzero()[0, 0])
-        raise ValueError(f"{name}[{row}] = {values[row].item()} is invalid; allowed: {allowed}")
+def _param(name, value, B, dtype, device, ok, allowed):
+    """A validated parameter: a Python number, or a [B] tensor of `dtype` on `device`."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.item()
+        else:
+            if value.shape != (B,):
+                raise ValueError(f"{name} must be a scalar or shape [{B}] (one per row), got shape {tuple(value.shape)}")
+            if not dtype.is_floating_point and value.is_floating_point():
+                raise ValueError(f"{name} must be an integer (tensor), got dtype {value.dtype}")
+            value = value.to(device, dtype)
+            good = ok(value)
+            if not bool(good.all()):
+                row = int((~good).nonzero()[0, 0])
+                raise ValueError(f"{name}[{row}] = {value[row].item()} is invalid; allowed: {allowed}")
+            return value.contiguous()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number or a [{B}] tensor, got {type(value).__name__}")
+    if not dtype.is_floating_point and not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = float(value) if dtype.is_floating_point else int(value)
+    if not ok(value):
+        raise ValueError(f"{name} = {value} is invalid (all rows); allowed: {allowed}")
+    return value

@@ -61,3 +61,40 @@ def test_subset_of_slots_decodes_independently():
         model(torch.tensor([[7]]), cache.suffix_positions(cache.slots, torch.zeros(1, 1, dtype=torch.long)), cache)
         assert torch.equal(cache.k[0][[0, 2]], before)
         assert cache.k[0][1, :, 0].abs().sum() > 0
+
+
+def test_unsorted_slots_over_some_prompts_equal_full_forward():
+    """Rows given in any order, covering only some prompts (unequal rows per prompt, so the
+    per-prompt query grid has padding cells), still get the plain forward's logits."""
+    model = tiny_model(2)
+    prompts = [[5, 6, 7, 8], [1, 2], [9, 10, 11, 12, 13, 14, 15], [4]]
+    row_prefix = torch.tensor([0, 2, 2, 3, 2, 0, 1])
+    suffixes = torch.randint(0, 53, (7, 3))
+    slots = torch.tensor([4, 0, 1, 6])  # prompts 2, 0, 2, 1: prompt 3 absent, prompt 2 twice
+    with torch.no_grad():
+        cache = PrefixCache.from_prompts(model, prompts, row_prefix, suffix_capacity=3)
+        cache.slots = slots
+        got = torch.cat([model(suffixes[slots, t : t + 1], cache.suffix_positions(slots, torch.full((4, 1), t)), cache) for t in range(3)], 1)
+        for i, r in enumerate(slots.tolist()):
+            expected = model(torch.tensor([prompts[row_prefix[r]] + suffixes[r].tolist()]))[0, -3:]
+            assert (got[i] - expected).abs().max() < 1e-4, r
+
+
+def test_compact_keeps_live_rows_decoding():
+    """compact(keep) moves the kept rows' suffix K/V to the front slots; decoding them further
+    gives the plain forward's logits, as if the dropped rows had never been there."""
+    model = tiny_model(3)
+    prompts = [[5, 6, 7], [8, 9]]
+    row_prefix = torch.tensor([0, 0, 1, 1, 1])
+    suffixes = torch.randint(0, 53, (5, 4))
+    with torch.no_grad():
+        cache = PrefixCache.from_prompts(model, prompts, row_prefix, suffix_capacity=4)
+        cache.slots = torch.arange(5)
+        model(suffixes[:, :2], cache.suffix_positions(cache.slots, torch.arange(2).expand(5, 2)), cache)
+        keep = torch.tensor([4, 1])
+        cache.compact(keep)
+        assert torch.equal(cache.slots, torch.arange(2)) and cache.row_prefix[:2].tolist() == [1, 0]
+        got = model(suffixes[keep, 2:], cache.suffix_positions(cache.slots, torch.arange(2, 4).expand(2, 2)), cache)
+        for i, r in enumerate(keep.tolist()):
+            expected = model(torch.tensor([prompts[row_prefix[r]] + suffixes[r].tolist()]))[0, -2:]
+            assert (got[i] - expected).abs().max() < 1e-4, r

@@ -1,8 +1,9 @@
 """Sampling op: per-row temperature / top-k / top-p / min-p, inverse CDF in vocabulary order.
 
-Contract (all implementations): given logits [B,V] and per-row tensors temperature fp32, top_k
-int64 (0 = off), top_p fp32 (1 = off), min_p fp32 (0 = off) and uniforms fp32 in [0,1), return
-(tokens int64, logprobs fp32, valid bool). The kept set of a row is, on z = logits / T:
+Contract (all implementations): given logits [B,V] and per-row parameters temperature fp32, top_k
+int64 (0 = off), top_p fp32 (1 = off), min_p fp32 (0 = off) and uniforms fp32 in [0,1), each a
+[B] tensor or one Python number for every row (already validated), return (tokens int64,
+logprobs fp32, valid bool). The kept set of a row is, on z = logits / T:
   1. top-k: z >= the k-th largest z (ties at the k-th value are all kept);
   2. top-p: on the softmax p of the top-k survivors, p >= t for the largest t whose kept mass
      sum(p >= t) reaches top_p (ties kept together; tiny top_p keeps just the max and its ties);
@@ -26,11 +27,20 @@ def invalid_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
 
 
+def per_row(value, B: int, dtype, device) -> torch.Tensor:
+    """A parameter as a [B] tensor of `dtype` (numbers are broadcast)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype)
+    return torch.full((B,), value, dtype=dtype, device=device)
+
+
 @torch.no_grad()
 def reference(logits, temperature, top_k, top_p, min_p, uniforms):
     """The oracle: float64, full sort allowed."""
     x = logits.double()
     B, V = x.shape
+    temperature, top_p, min_p, uniforms = (per_row(v, B, torch.float32, x.device) for v in (temperature, top_p, min_p, uniforms))
+    top_k = per_row(top_k, B, torch.int64, x.device)
     invalid = invalid_rows(x)
     x = torch.where(invalid[:, None], torch.zeros_like(x), x)
     greedy = temperature == 0
@@ -59,8 +69,10 @@ def reference(logits, temperature, top_k, top_p, min_p, uniforms):
     cdf = q.cumsum(-1)
     target = uniforms.double()[:, None] * total
     token = (cdf <= target).sum(-1)
-    last_kept = V - 1 - keep.flip(-1).int().argmax(-1)
-    token = torch.minimum(token, last_kept)  # u * total rounding up to the full mass
+    # u * total rounding up to the full mass: the last kept token that has mass (a kept -inf
+    # logit or an underflowed exp has none and must never be drawn)
+    last_kept = V - 1 - (q > 0).flip(-1).int().argmax(-1)
+    token = torch.minimum(token, last_kept)
     logprob = (q.gather(1, token[:, None]) / total).log().squeeze(1)
 
     greedy_token = x.argmax(-1)
@@ -73,9 +85,35 @@ def reference(logits, temperature, top_k, top_p, min_p, uniforms):
     return token, logprob.float(), ~invalid
 
 
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def cpu(logits, temperature, top_k, top_p, min_p, uniforms):
-    # Filled in by the C++ kernel (csrc/sampling.cpp); until then the oracle serves.
-    return reference(logits, temperature, top_k, top_p, min_p, uniforms)
+    """The C++ kernel (csrc/sampling.cpp): reads the logits in place, no sort of the vocabulary."""
+    from ctrlsafe import _C
+
+    if logits.device.type != "cpu":  # forced with CTRLSAFE_BACKEND=cpu on a GPU tensor
+        out = cpu(logits.cpu(), temperature, top_k, top_p, min_p, uniforms)
+        return tuple(t.to(logits.device) for t in out)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    B, V = logits.shape
+    keep = []  # converted parameter tensors must outlive the call
+    args = []
+    for value, dtype in ((temperature, torch.float32), (top_k, torch.int64), (top_p, torch.float32), (min_p, torch.float32), (uniforms, torch.float32)):
+        if isinstance(value, torch.Tensor):
+            if value.dtype is not dtype or not value.is_contiguous() or value.device.type != "cpu":
+                value = value.to("cpu", dtype).contiguous()
+            keep.append(value)
+            args += (value.data_ptr(), 0)
+        else:
+            args += (0, value)
+    tokens = torch.empty(B, dtype=torch.int64)
+    logprobs = torch.empty(B, dtype=torch.float32)
+    valid = torch.empty(B, dtype=torch.bool)
+    if B:
+        _C.sample_rows(logits.data_ptr(), _DTYPE_CODE[logits.dtype], B, V, logits.stride(0), *args, tokens.data_ptr(), logprobs.data_ptr(), valid.data_ptr())
+    return tokens, logprobs, valid
 
 
 def triton(logits, temperature, top_k, top_p, min_p, uniforms):

@@ -1,0 +1,115 @@
+"""Sampling: ctrlsafe's fused sampler vs sort-based samplers, at the shapes of LLM decoding.
+
+Logits: fp32 [B, V], N(0, 3^2) per entry (seed 0; real LLM logits have a similar spread), for
+B in {1, 8, 64, 256} x V in {32000, 128256}. Two parameter sets:
+  (a) temperature 0.8 + top_k 50 + top_p 0.9     (b) top_p 0.9 alone (temperature 1)
+Providers, all timed interleaved in one run:
+  ctrlsafe cpu   ctrlsafe.sampling.sample(..., backend="cpu"): the C++ kernel (no sort)
+  reference      the same API on the float64 sort-based oracle
+  vllm-sort      vLLM's torch path (apply_top_k_top_p: full sort, masks, scatter back, softmax,
+                 exponential race), written out below
+  transformers   TemperatureLogitsWarper / TopKLogitsWarper / TopPLogitsWarper + softmax + multinomial
+  topk           (a) only: torch.topk(k) then top-p on the k values and multinomial
+  read           logits.amax(-1): one read of the logits, the physical limit of any sampler
+GB/s is one read of the logits (B*V*4 bytes) / median time for every provider. After the table,
+one line per case gives ctrlsafe's fraction of the plain read's bandwidth and its ratio to each
+provider, against the targets of issue 3.
+
+    python -m ctrlsafe.benchmarks.bench_sampling [--quick]
+"""
+from __future__ import annotations
+
+import torch
+
+from ctrlsafe.benchmark import Row, compare, main
+from ctrlsafe.sampling import sample
+
+FULL_SHAPES = [(B, V) for V in (32000, 128256) for B in (1, 8, 64, 256)]
+QUICK_SHAPES = [(1, 32000), (64, 32000)]
+CASES = {"a": dict(temperature=0.8, top_k=50, top_p=0.9), "b": dict(temperature=1.0, top_k=0, top_p=0.9)}
+
+
+def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
+    """vLLM's torch implementation (vllm/v1/sample/ops/topk_topp_sampler.py)."""
+    logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
+    if k is not None:
+        top_k_mask = logits_sort.size(1) - k.to(torch.long)
+        top_k_mask = logits_sort.gather(1, top_k_mask.unsqueeze(dim=1))
+        logits_sort.masked_fill_(logits_sort < top_k_mask, -float("inf"))
+    if p is not None:
+        probs_sort = logits_sort.softmax(dim=-1)
+        probs_sum = torch.cumsum(probs_sort, dim=-1, out=probs_sort)
+        top_p_mask = probs_sum <= 1 - p.unsqueeze(dim=1)
+        top_p_mask[:, -1] = False  # at least one
+        logits_sort.masked_fill_(top_p_mask, -float("inf"))
+    return logits_sort.scatter(dim=-1, index=logits_idx, src=logits_sort)
+
+
+def vllm_sample(logits, temperature, k, p):
+    logits = apply_top_k_top_p(logits / temperature[:, None], k, p)
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    q = torch.empty_like(probs).exponential_()  # vLLM's exponential race instead of multinomial
+    return probs.div_(q).argmax(dim=-1)
+
+
+def transformers_sample(warpers, logits):
+    scores = logits
+    for w in warpers:
+        scores = w(None, scores)
+    return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+
+
+def topk_sample(logits, temperature: float, k: int, p: float):
+    values, ids = torch.topk(logits, k, dim=-1)  # sorted, largest first
+    probs = (values / temperature).softmax(-1)
+    drop = probs.cumsum(-1) - probs >= p  # mass before a value already reaches top_p
+    probs = probs.masked_fill(drop, 0.0)
+    return ids.gather(1, torch.multinomial(probs, 1)).squeeze(1)
+
+
+def case_rows(case: str, B: int, V: int, reps: int, device: str) -> list[Row]:
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    params = CASES[case]
+    T, k, p = params["temperature"], params["top_k"], params["top_p"]
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(B, V, generator=g) * 3).to(device)
+    t_rows, p_rows = torch.full((B,), T, device=device), torch.full((B,), p, device=device)
+    k_rows = torch.full((B,), k, device=device) if k else None
+    warpers = [TemperatureLogitsWarper(T)] + ([TopKLogitsWarper(k)] if k else []) + [TopPLogitsWarper(p)]
+    step = iter(range(1 << 62))
+    fns = {
+        "ctrlsafe cpu": lambda: sample(logits, **params, seed=0, step=next(step), backend="cpu"),
+        "reference": lambda: sample(logits, **params, seed=0, step=next(step), backend="reference"),
+        "vllm-sort": lambda: vllm_sample(logits, t_rows, k_rows, p_rows),
+        "transformers": lambda: transformers_sample(warpers, logits),
+    }
+    if k:
+        fns["topk"] = lambda: topk_sample(logits, T, k, p)
+    fns["read"] = lambda: logits.amax(-1)
+    rows = compare(f"sampling ({case})", f"B{B} V{V}", "fp32", fns, reference="reference", bytes_moved=B * V * 4,
+                   work_items=B, unit="rows/s", reps=reps, device=device)
+    by = {r.provider: r for r in rows}
+    ours, read = by["ctrlsafe cpu"], by["read"]
+    for r in rows:
+        r.extra["fraction_of_plain_read"] = r.gbps / read.gbps
+        r.extra["ctrlsafe_speedup"] = r.median_ms / ours.median_ms
+    ratios = ", ".join(f"{r.extra['ctrlsafe_speedup']:.1f}x {name}" for name, r in by.items() if r is not ours and name != "read")
+    print(f"({case}) B{B} V{V}: ctrlsafe {ours.median_ms:.3f} ms = {ours.gbps:.1f} GB/s = "
+          f"{100 * ours.extra['fraction_of_plain_read']:.0f}% of a plain read ({read.gbps:.1f} GB/s); faster than: {ratios}")
+    return rows
+
+
+def run(quick: bool = False, device: str = "cpu") -> list[Row]:
+    shapes, reps = (QUICK_SHAPES, 3) if quick else (FULL_SHAPES, 5)
+    rows = []
+    for B, V in shapes:
+        for case in CASES:
+            rows += case_rows(case, B, V, reps, device)
+    print("targets (issue 3): B64 V128256 >= 25% of the plain read, (a) >= 1.5x topk, (b) >= 50x vllm-sort; "
+          "B1 not slower than topk")
+    return rows
+
+
+if __name__ == "__main__":
+    main(run)

@@ -1,0 +1,192 @@
+"""The generated data set on disk: Parquet shards + manifest.json, written so a kill -9 loses nothing.
+
+Layout of an output directory:
+
+    DIR/manifest.json             config, versions, control spec, bins, model identities, counts,
+                                  finished prompt ranges (rewritten atomically: temp file + rename)
+    DIR/data/chunk-000000.parquet one shard per finished chunk of prompts (temp file + rename)
+
+A chunk is a fixed range of prompts `[k * chunk_size, (k + 1) * chunk_size)`. A shard file exists
+under its final name only once it is complete, so the set of shard files *is* the set of finished
+chunks: resume removes leftover `*.tmp` files and skips chunks whose shard exists. The manifest's
+`finished_ranges` repeats that list for readers; if a kill lands between a shard's rename and the
+manifest update the shard wins. Shard names depend only on the chunk, never on the rank that wrote
+it, so a torchrun job and a single process produce the same files.
+
+Columns (one row per sample): id, prompt_id, prompt, messages (JSON string or null), requested
+(struct attr->int, null when no control was requested), control (struct attr->int: the *measured*
+levels), sample_index, response, scores (struct attr->float), finish_reason, kept, drop_reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+DATA_DIR = "data"
+FORMAT = "ctrlsafe-dataset"
+FORMAT_VERSION = 1
+_TMP = ".tmp"
+
+
+def record_schema(attributes) -> pa.Schema:
+    levels = pa.struct([(a, pa.int32()) for a in attributes])
+    return pa.schema([
+        ("id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("messages", pa.string()),
+        ("requested", levels),
+        ("control", levels),
+        ("sample_index", pa.int32()),
+        ("response", pa.string()),
+        ("scores", pa.struct([(a, pa.float32()) for a in attributes])),
+        ("finish_reason", pa.string()),
+        ("kept", pa.bool_()),
+        ("drop_reason", pa.string()),
+    ])
+
+
+def records_to_table(records: list[dict], attributes) -> pa.Table:
+    return pa.Table.from_pylist(records, schema=record_schema(attributes))
+
+
+# -- atomic writes -----------------------------------------------------------------------------------
+def _replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())  # the bytes are on disk before the name says the file is complete
+    os.replace(tmp, path)
+
+
+def write_table(table: pa.Table, path: Path) -> Path:
+    """Write a Parquet file under a temp name, then rename it into place. Deterministic bytes:
+    fixed options, no timestamps (pyarrow writes none)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + _TMP)
+    pq.write_table(table, tmp, compression="zstd", row_group_size=65536)
+    _replace(tmp, path)
+    return path
+
+
+def write_json(obj: dict, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + _TMP)
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")  # key order kept: bins edges follow the spec order
+    _replace(tmp, path)
+
+
+# -- shards and progress -----------------------------------------------------------------------------
+def shard_path(out, chunk: int) -> Path:
+    return Path(out) / DATA_DIR / f"chunk-{chunk:06d}.parquet"
+
+
+def shard_files(out) -> list[Path]:
+    return sorted((Path(out) / DATA_DIR).glob("*.parquet"))
+
+
+def finished_chunks(out) -> set[int]:
+    return {int(p.stem.split("-")[1]) for p in (Path(out) / DATA_DIR).glob("chunk-*.parquet")}
+
+
+def remove_temp_files(out) -> int:
+    """Remove what a killed writer left behind; returns how many files."""
+    n = 0
+    for p in list(Path(out).glob("*" + _TMP)) + list((Path(out) / DATA_DIR).glob("*" + _TMP)):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def finished_ranges(chunks, chunk_size: int, n_prompts: int) -> list[list[int]]:
+    """Finished chunks as merged [start, end) prompt ranges."""
+    out: list[list[int]] = []
+    for c in sorted(chunks):
+        start, end = c * chunk_size, min((c + 1) * chunk_size, n_prompts)
+        if out and out[-1][1] == start:
+            out[-1][1] = end
+        else:
+            out.append([start, end])
+    return out
+
+
+# -- the manifest and the run it describes -----------------------------------------------------------
+def read_manifest(out) -> dict | None:
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt manifest ({e.msg}); it is written atomically, so something else wrote it") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a ctrlsafe data set manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def check_out_dir(out, config: dict, resume: bool) -> dict | None:
+    """Refuse an output directory that holds something else; return the manifest to resume from.
+
+    Empty or missing directory: a fresh run (also with --resume). A manifest with the same config:
+    allowed only with --resume. A different config, or files without a manifest: refused.
+    """
+    out = Path(out)
+    manifest = read_manifest(out)
+    if manifest is None:
+        stray = [p.name for p in out.iterdir()] if out.is_dir() else []
+        if stray:
+            raise FileExistsError(f"{out} is not empty and holds no {MANIFEST} ({', '.join(sorted(stray)[:5])}); choose a new --out")
+        return None
+    differ = sorted(k for k in set(config) | set(manifest["config"]) if config.get(k) != manifest["config"].get(k))
+    if differ:
+        raise FileExistsError(
+            f"{out} holds a different run (config differs in: {', '.join(differ)}); choose a new --out "
+            f"(--resume only continues the same run)"
+        )
+    if not resume:
+        raise FileExistsError(f"{out} already holds this run ({manifest.get('status')}); pass --resume to continue it or choose a new --out")
+    return manifest
+
+
+# -- reading back --------------------------------------------------------------------------------------
+def open_dataset(path) -> pads.Dataset:
+    """A pyarrow dataset over a data set directory (or its data/ folder, or one shard)."""
+    path = Path(path)
+    if (path / DATA_DIR).is_dir():
+        path = path / DATA_DIR
+    if path.is_dir() and not any(path.glob("*.parquet")):
+        raise FileNotFoundError(f"{path}: no Parquet shards")
+    if not path.exists():
+        raise FileNotFoundError(f"data set {path} does not exist")
+    return pads.dataset(sorted(map(str, path.glob("*.parquet"))) if path.is_dir() else str(path), format="parquet")
+
+
+def read_dataset(path, columns=None, kept_only: bool = False) -> pa.Table:
+    """The whole data set as one table, in shard order (chunk order = prompt order)."""
+    ds = open_dataset(path)
+    return ds.to_table(columns=columns, filter=pads.field("kept") if kept_only else None)
+
+
+# -- identities -----------------------------------------------------------------------------------------
+def sha256_file(path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_identity(path) -> dict:
+    """{"path", "sha256": {file: hex}} over a model directory's weight files (or one file)."""
+    path = Path(path)
+    if path.is_file():
+        return {"path": str(path.resolve()), "sha256": {path.name: sha256_file(path)}}
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+    return {"path": str(path.resolve()), "sha256": {p.name: sha256_file(p) for p in files}}

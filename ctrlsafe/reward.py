@@ -1,0 +1,527 @@
+"""Reward scoring: Hugging Face reward models, Python callables, level bins, `ctrlsafe score`.
+
+Text layout for a `*ForSequenceClassification` reward model (RewardModel.score):
+
+    [render_prompt(prompt, rm_tokenizer)] [response tokens] [turn-closing tokens]
+
+The prompt is rendered with the RM's own tokenizer (chat template + generation prompt when it has
+one). The response is tokenized alone without special tokens. The turn-closing tokens are what
+the RM's chat template writes after an assistant message (`<|eot_id|>` for Llama 3,
+`<|im_end|>\\n` for Qwen2, `<|end|>\\n` for the tiny preset), found once by rendering a probe
+conversation; that is the sequence `apply_chat_template(messages + [assistant reply])` gives,
+which is how chat reward models are trained and documented, except that BPE never merges across
+the response's edges (the response is tokenized as generated). A tokenizer without a chat
+template closes nothing. `score_ids` takes already tokenized sequences and scores them as given.
+
+Which token is scored: transformers' rule, the last token whose id != config.pad_token_id (the
+last token when pad_token_id is unset). When pad_token_id equals EOS, a real trailing EOS counts
+as padding, so the score is read at the token before it — even when that token is in the
+prompt. We know every sequence's length, so there is no padding to guess around; we apply the
+same id rule to the unpadded sequence and so equal transformers on it, padded either way.
+
+Shared-prompt scoring: pairs are grouped by identical prompt ids; each prompt is prefilled once
+(ctrlsafe.kv_cache.PrefixCache.from_prompts) and the responses run as suffix rows on top of its
+KV (SuffixBlock), sorted by length so batches carry little padding. The backbone's pre-norm hidden state at each row's
+scored token goes through the fused head (ctrlsafe.ops.score_heads: final norm, all heads in one
+matmul, (score - mean) / std). This equals scoring each pair alone.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .controls import render_prompt
+from .kv_cache import PrefixCache
+from .model import CLASSIFIER_ARCHITECTURES, Transformer, read_config
+from .ops.reward_head import bucketize, score_heads
+
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+_PROBE = "CTRLSAFE_PROBE_REPLY"
+
+
+class RewardModel:
+    """A `*ForSequenceClassification` checkpoint: backbone via ctrlsafe.model + score head [K,H]."""
+
+    def __init__(self, backbone: Transformer, head: torch.Tensor, names: list[str], *, pad_token_id: int | None,
+                 tokenizer=None, mean=None, std=None):
+        self.model = backbone
+        self.head = head  # [K,H]; transformers' `score` Linear has no bias
+        self.names = list(names)
+        self.pad_token_id = pad_token_id
+        self.tokenizer = tokenizer
+        self.close_ids = turn_close_ids(tokenizer) if tokenizer is not None else []
+        self.set_normalization(0.0 if mean is None else mean, 1.0 if std is None else std)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", *, mean=None, std=None) -> "RewardModel":
+        path = Path(path)
+        cfg = read_config(path)
+        arch = (cfg.get("architectures") or [None])[0]
+        if arch not in CLASSIFIER_ARCHITECTURES:
+            raise ValueError(f"{path}: architecture {arch!r} is not a reward model; expected one of {', '.join(CLASSIFIER_ARCHITECTURES)}")
+        backbone = Transformer.from_pretrained(path, dtype=dtype, device=device)
+        head = _read_tensor(path, "score.weight").to(device=device, dtype=dtype)
+        if head.dim() != 2 or head.shape[1] != backbone.args.hidden_size:
+            raise ValueError(f"{path}: score.weight has shape {list(head.shape)}, expected [num_labels, {backbone.args.hidden_size}]")
+        tokenizer = None
+        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        pad = cfg.get("pad_token_id")
+        return cls(backbone, head, head_names(cfg, head.shape[0]), pad_token_id=pad, tokenizer=tokenizer, mean=mean, std=std)
+
+    def set_normalization(self, mean, std) -> None:
+        """Per-head (score - mean) / std applied by the head; scalars broadcast to all heads."""
+        K = len(self.names)
+        mean = torch.as_tensor(mean, dtype=torch.float32).expand(K).clone()
+        std = torch.as_tensor(std, dtype=torch.float32).expand(K).clone()
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError(f"normalization needs finite mean and std > 0, got mean={mean.tolist()} std={std.tolist()}")
+        device = self.head.device
+        self.mean, self.std = mean.to(device), std.to(device)
+
+    def calibrate(self, prompts: list, responses: list[str], **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set mean/std to those of the raw scores of these pairs; returns (mean, std)."""
+        self.set_normalization(0.0, 1.0)
+        raw = self.score(prompts, responses, **kw)
+        if len(raw) < 2:
+            raise ValueError("calibrate needs at least 2 pairs")
+        std = raw.std(0)
+        self.set_normalization(raw.mean(0), torch.where(std > 0, std, torch.ones_like(std)))
+        return self.mean, self.std
+
+    # -- scoring ------------------------------------------------------------------------------
+    def score(self, prompts: list, responses: list[str], *, batch_tokens: int = 4096) -> torch.Tensor:
+        """Scores [N,K] fp32 of (prompt, response) pairs; prompts are strings or chat message lists."""
+        if self.tokenizer is None:
+            raise ValueError(f"{getattr(self.model, 'source_path', 'this reward model')} has no tokenizer files; use score_ids")
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        rendered: dict[str, list[int]] = {}
+        prompt_ids = []
+        for p in prompts:
+            key = p if isinstance(p, str) else json.dumps(p, sort_keys=True)
+            if key not in rendered:
+                rendered[key] = render_prompt(p, self.tokenizer)
+            prompt_ids.append(rendered[key])
+        for i, r in enumerate(responses):
+            if not isinstance(r, str):
+                raise ValueError(f"response {i} must be a string, got {type(r).__name__}")
+        encoded = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
+        return self.score_ids(prompt_ids, [list(r) + self.close_ids for r in encoded], batch_tokens=batch_tokens)
+
+    @torch.no_grad()
+    def score_ids(self, prompt_ids: list[list[int]], response_ids: list[list[int]], *, batch_tokens: int = 4096) -> torch.Tensor:
+        """Scores [N,K] fp32 of the token sequences prompt_ids[i] + response_ids[i], as given."""
+        if len(prompt_ids) != len(response_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+        out = torch.empty(len(prompt_ids), len(self.names), dtype=torch.float32, device=self.head.device)
+        if not prompt_ids:
+            return out
+        split = [self._split(i, p, r) for i, (p, r) in enumerate(zip(prompt_ids, response_ids))]
+        groups: dict[tuple, list[int]] = {}
+        for i, (prefix, _) in enumerate(split):
+            groups.setdefault(prefix, []).append(i)
+        for chunk in _chunks(list(groups), lambda p: len(p), batch_tokens):
+            self._score_prompt_chunk(chunk, groups, split, out, batch_tokens)
+        return out
+
+    def _split(self, i, prompt, response) -> tuple[tuple, list[int]]:
+        """(shared prefix, suffix ending at the scored token) of pair i."""
+        if not prompt:
+            raise ValueError(f"pair {i}: the prompt has no tokens")
+        seq = list(prompt) + list(response)
+        vocab = self.model.args.vocab_size
+        if min(seq) < 0 or max(seq) >= vocab:
+            raise ValueError(f"pair {i}: token id {max(seq) if max(seq) >= vocab else min(seq)} is outside the vocabulary 0..{vocab - 1}")
+        last = len(seq) - 1
+        if self.pad_token_id is not None:
+            while last >= 0 and seq[last] == self.pad_token_id:
+                last -= 1
+            if last < 0:
+                raise ValueError(f"pair {i}: every token is the pad token {self.pad_token_id}")
+        # tokens after the scored one cannot change its (causal) hidden state: drop them. When the
+        # scored token lies in the prompt, it becomes a one-token suffix of a shorter prefix.
+        cut = min(last, len(prompt))
+        if cut == 0:
+            raise ValueError(f"pair {i}: the only scored token is the first one; a sequence needs 2+ tokens before its trailing pads")
+        return tuple(seq[:cut]), seq[cut : last + 1]
+
+    def _score_prompt_chunk(self, prompts, groups, split, out, batch_tokens):
+        """Prefill these prompts once, then run their rows in length-sorted batches on top."""
+        model, device = self.model, self.head.device
+        prefix = PrefixCache.from_prompts(model, [list(p) for p in prompts], torch.zeros(0, dtype=torch.int64), 0)
+        rows = [(i, j) for j, p in enumerate(prompts) for i in groups[p]]
+        rows.sort(key=lambda r: len(split[r[0]][1]))
+        for batch in _chunks(rows, lambda r: len(split[r[0]][1]), batch_tokens, padded=True):
+            suffixes = [split[i][1] for i, _ in batch]
+            Ls = max(map(len, suffixes))
+            ids = torch.tensor([s + [0] * (Ls - len(s)) for s in suffixes], device=device)  # right pads are never read
+            lengths = torch.tensor([len(s) for s in suffixes], device=device)
+            block = SuffixBlock(prefix, torch.tensor([j for _, j in batch], device=device), Ls)
+            hidden = model.hidden_states(ids, block.positions, block, norm=False)
+            scores, _ = score_heads(hidden, lengths - 1, model.norm.weight, self.head, None, self.mean, self.std, None,
+                                    eps=model.norm.eps)
+            out[torch.tensor([i for i, _ in batch], device=device)] = scores
+
+
+class SuffixBlock:
+    """Cache for one forward of whole response blocks [R, Ls] on top of a PrefixCache's prompt KV.
+
+    Each row attends to [its prompt's keys | its own block, causal] in one fused SDPA call, with
+    the prompt's keys gathered per row. PrefixCache.attend (two partial attentions merged by
+    log-sum-exp, no gather) is built for decoding a token at a time; for blocks of ~100 tokens
+    per row the gather is cheap next to the block's own work and one SDPA is faster (measured in
+    benchmarks/bench_reward.py: 2.3x vs 1.9x transformers' pairs/s). The prompt KV is still
+    computed once per prompt.
+    """
+
+    def __init__(self, prefix: PrefixCache, row_prefix: torch.Tensor, block_len: int):
+        self.prefix, self.row_prefix = prefix, row_prefix
+        plen = prefix.prefix_len[row_prefix]
+        self.Lp = int(plen.max())
+        R, device = len(row_prefix), row_prefix.device
+        self.positions = plen[:, None] + torch.arange(block_len, device=device)  # [R, Ls]
+        prompt_mask = (torch.arange(self.Lp, device=device) < plen[:, None])[:, None, :].expand(R, block_len, self.Lp)
+        causal = torch.ones(block_len, block_len, dtype=torch.bool, device=device).tril().expand(R, block_len, block_len)
+        self.mask = torch.cat([prompt_mask, causal], -1)[:, None]  # [R, 1, Ls, Lp + Ls]
+
+    def attend(self, layer, q, k, v, positions):
+        kp = self.prefix.prefix_k[layer][self.row_prefix, :, : self.Lp]
+        vp = self.prefix.prefix_v[layer][self.row_prefix, :, : self.Lp]
+        return F.scaled_dot_product_attention(q, torch.cat([kp, k], 2), torch.cat([vp, v], 2), attn_mask=self.mask, enable_gqa=True)
+
+
+def head_names(cfg: dict, k: int) -> list[str]:
+    """id2label when it names the heads, else "score" (one head) or "score_0".. (several)."""
+    labels = cfg.get("id2label") or {}
+    names = [labels.get(str(i), labels.get(i)) for i in range(k)]
+    if all(isinstance(n, str) for n in names) and not all(n == f"LABEL_{i}" for i, n in enumerate(names)) and len(set(names)) == k:
+        return names
+    return ["score"] if k == 1 else [f"score_{i}" for i in range(k)]
+
+
+def turn_close_ids(tokenizer) -> list[int]:
+    """Tokens the chat template writes after an assistant message (EOS when the template cannot
+    render a reply; nothing without a template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # templates may refuse a trailing assistant turn; EOS is then the closing
+        text = ""
+    if _PROBE not in text:
+        return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return list(tokenizer(text[text.rindex(_PROBE) + len(_PROBE):], add_special_tokens=False)["input_ids"])
+
+
+def _read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor from a safetensors directory, without loading the others."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    file = path / (json.loads(index.read_text())["weight_map"].get(name, "") if index.is_file() else "model.safetensors")
+    if not file.is_file():
+        raise ValueError(f"{path}: checkpoint has no {name!r} (not a sequence-classification checkpoint?)")
+    with safe_open(str(file), framework="pt") as f:
+        if name not in f.keys():
+            raise ValueError(f"{path}: checkpoint has no {name!r} (not a sequence-classification checkpoint?)")
+        return f.get_tensor(name)
+
+
+def _chunks(items: list, size: Callable, budget: int, padded: bool = False):
+    """Consecutive runs of items whose cost fits `budget` tokens: the sum of sizes, or (padded)
+    count x largest size. A single item over budget forms its own run."""
+    run, cost_max, cost_sum = [], 0, 0
+    for it in items:
+        s = size(it)
+        new_max, new_sum = max(cost_max, s), cost_sum + s
+        if run and (new_max * (len(run) + 1) if padded else new_sum) > budget:
+            yield run
+            run, new_max, new_sum = [], s, s
+        run.append(it)
+        cost_max, cost_sum = new_max, new_sum
+    if run:
+        yield run
+
+
+# -- level bins ----------------------------------------------------------------------------------
+class LevelBins:
+    """Per-attribute bin edges: level = number of edges <= score (the op's rule, shared code).
+
+    A score exactly on an edge goes to the upper bin; below the first edge is level 0, above the
+    last is L-1; equal scores always share a level. Edges must be non-decreasing; equal edges
+    (from calibrating on tied scores) leave the bins between them empty.
+    """
+
+    def __init__(self, edges, names=None):
+        if isinstance(edges, dict):
+            if names is not None and list(names) != list(edges):
+                raise ValueError(f"names {list(names)} disagree with the edges' keys {list(edges)}")
+            names = list(edges)
+            rows = [list(map(float, edges[n])) for n in names]
+            if len({len(r) for r in rows}) > 1:
+                raise ValueError(f"every attribute needs the same number of edges, got {dict(zip(names, map(len, rows)))}")
+            edges = torch.tensor(rows, dtype=torch.float32)
+        edges = torch.as_tensor(edges, dtype=torch.float32)
+        if edges.dim() != 2 or edges.shape[1] < 1:
+            raise ValueError(f"edges must be [attributes, levels-1] with levels >= 2, got shape {list(edges.shape)}")
+        names = [str(i) for i in range(edges.shape[0])] if names is None else list(names)
+        if len(names) != edges.shape[0]:
+            raise ValueError(f"{len(names)} names for {edges.shape[0]} rows of edges")
+        for n, row in zip(names, edges):
+            if not torch.isfinite(row).all() or (row[1:] < row[:-1]).any():
+                raise ValueError(f"edges of {n!r} must be finite and non-decreasing, got {row.tolist()}")
+        self.edges, self.names = edges, names
+        self.levels = edges.shape[1] + 1
+
+    @classmethod
+    def calibrate(cls, scores: torch.Tensor, names: list[str], levels: int = 5) -> "LevelBins":
+        """Quantile edges: edge j of an attribute is the j/levels quantile of its scores."""
+        if levels < 2:
+            raise ValueError(f"levels must be >= 2, got {levels}")
+        scores = _check_scores(scores, names, "calibrate")
+        if len(scores) == 0:
+            raise ValueError("calibrate needs at least one score")
+        q = torch.arange(1, levels, dtype=torch.float64) / levels
+        return cls(torch.quantile(scores.double(), q, dim=0).T.float(), names)
+
+    def to_levels(self, scores: torch.Tensor) -> torch.Tensor:
+        """Levels int64 [N,K] in 0..levels-1."""
+        scores = _check_scores(scores, self.names, "to_levels")
+        return bucketize(scores.float(), self.edges.to(scores.device))
+
+    def select(self, names: list[str]) -> "LevelBins":
+        """These bins reordered (or subset) to `names`."""
+        missing = [n for n in names if n not in self.names]
+        if missing:
+            raise ValueError(f"bins have no edges for {missing}; they cover {self.names}")
+        return LevelBins(self.edges[[self.names.index(n) for n in names]], names)
+
+    def to_json(self) -> dict:
+        return {"levels": self.levels, "rule": "level = number of edges <= score",
+                "edges": {n: row.tolist() for n, row in zip(self.names, self.edges)}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LevelBins":
+        if not isinstance(d, dict) or not isinstance(d.get("edges"), dict):
+            raise ValueError("bins JSON must be an object with an 'edges' object {attribute: [edges]}")
+        bins = cls(d["edges"])
+        if "levels" in d and d["levels"] != bins.levels:
+            raise ValueError(f"bins JSON says levels={d['levels']} but its edges give {bins.levels}")
+        return bins
+
+
+def _check_scores(scores, names, what) -> torch.Tensor:
+    scores = torch.as_tensor(scores)
+    if scores.dim() != 2 or scores.shape[1] != len(names):
+        raise ValueError(f"{what}: scores must be [N, {len(names)}] for {names}, got {list(scores.shape)}")
+    nan = torch.isnan(scores).nonzero()
+    if len(nan):
+        row, col = int(nan[0, 0]), int(nan[0, 1])
+        raise ValueError(f"{what}: score of row {row} ({names[col]!r}) is NaN ({len(nan)} NaN scores in all)")
+    return scores
+
+
+# -- several scorers -----------------------------------------------------------------------------
+@dataclass
+class ScoreResult:
+    names: list[str]
+    scores: torch.Tensor  # [N,K] fp32
+    levels: torch.Tensor | None  # [N,K] int64, when bins are set
+
+
+class Scorer:
+    """Scores pairs with several named scorers. A value is a RewardModel with one head, a
+    (RewardModel, head name) pair, a callable(prompts, responses) -> list[float], or a spec string
+    for load_scorer. A RewardModel used for several heads runs once per call."""
+
+    def __init__(self, scorers: dict, bins: LevelBins | None = None):
+        if not scorers:
+            raise ValueError("Scorer needs at least one scorer")
+        self.names = list(scorers)
+        self._columns = []  # per name: (source, head index or None for a callable)
+        for name, s in scorers.items():
+            if isinstance(s, str):
+                s = load_scorer(s)
+            self._columns.append(_column(name, s))
+        self.bins = bins.select(self.names) if bins is not None else None
+
+    def score(self, prompts: list, responses: list[str]) -> ScoreResult:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        done: dict[int, torch.Tensor] = {}
+        cols = []
+        for name, (source, head) in zip(self.names, self._columns):
+            if id(source) not in done:
+                done[id(source)] = (source.score(prompts, responses).cpu() if head is not None
+                                    else _callable_scores(name, source, prompts, responses))
+            out = done[id(source)]
+            cols.append(out[:, head] if head is not None else out)
+        scores = torch.stack(cols, 1) if prompts else torch.empty(0, len(self.names))
+        levels = self.bins.to_levels(scores) if self.bins is not None else None
+        return ScoreResult(self.names, scores, levels)
+
+
+def _column(name, s):
+    if isinstance(s, tuple) and len(s) == 2 and isinstance(s[0], RewardModel):
+        rm, head = s
+        if head not in rm.names:
+            raise ValueError(f"scorer {name!r}: reward model has no head {head!r}; heads: {rm.names}")
+        return rm, rm.names.index(head)
+    if isinstance(s, RewardModel):
+        if len(s.names) != 1:
+            raise ValueError(f"scorer {name!r}: reward model has {len(s.names)} heads {s.names}; pass (model, head name)")
+        return s, 0
+    if callable(s):
+        return s, None
+    raise ValueError(f"scorer {name!r}: expected a RewardModel, (RewardModel, head), a callable or a spec string, got {type(s).__name__}")
+
+
+def _callable_scores(name, fn, prompts, responses) -> torch.Tensor:
+    values = list(fn(prompts, responses))
+    if len(values) != len(prompts):
+        raise ValueError(f"scorer {name!r} returned {len(values)} scores for {len(prompts)} pairs")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            raise ValueError(f"scorer {name!r}: score {i} is {v!r}, expected a number")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def load_scorer(spec: str, **kw):
+    """A scorer from a spec: "refusal" (ctrlsafe.refusal.refusal_score), a reward model directory
+    ("DIR", or "DIR#HEAD" for one head of a multi-head model; kw such as dtype and device go to
+    RewardModel.from_pretrained and are ignored by the other kinds), or "package.module:function"."""
+    if spec == "refusal":
+        from .refusal import refusal_score
+
+        return refusal_score
+    path, _, head = spec.partition("#")
+    if Path(path).is_dir():
+        rm = RewardModel.from_pretrained(path, **kw)
+        return (rm, head) if head else rm
+    module, colon, attr = spec.partition(":")
+    if not colon or not module or not attr:
+        raise ValueError(f"scorer spec {spec!r} is not a reward model directory, 'module:function' or 'refusal'")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except ImportError as e:
+        raise ValueError(f"scorer spec {spec!r}: cannot import module {module!r} ({e})") from None
+    except AttributeError:
+        raise ValueError(f"scorer spec {spec!r}: module {module!r} has no attribute {attr!r}") from None
+    if not callable(fn):
+        raise ValueError(f"scorer spec {spec!r}: {attr!r} is not callable")
+    return fn
+
+
+def parse_rm_args(items: list[str]) -> dict[str, str]:
+    """["helpful=DIR", "harmless=pkg.mod:fn"] -> {"helpful": "DIR", "harmless": "pkg.mod:fn"}."""
+    out = {}
+    for item in items:
+        name, eq, spec = item.partition("=")
+        name, spec = name.strip(), spec.strip()
+        if not eq or not spec:
+            raise ValueError(f"--rm {item!r} must look like NAME=SPEC (SPEC: a directory, module:function or refusal)")
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"--rm {item!r}: name {name!r} must match [A-Za-z_][A-Za-z0-9_-]*")
+        if name in out:
+            raise ValueError(f"--rm {item!r}: {name!r} is given twice")
+        out[name] = spec
+    return out
+
+
+# -- `ctrlsafe score` ----------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("--data", required=True, help="JSONL/JSON/CSV/Parquet with 'prompt' (text or chat list) and 'response'")
+    p.add_argument("--rm", action="append", required=True, metavar="NAME=SPEC",
+                   help="a scorer: NAME=DIR (reward model, DIR#HEAD for one head), NAME=module:function or NAME=refusal; repeat")
+    p.add_argument("--bins", help="level bins JSON (LevelBins.to_json) to add levels")
+    p.add_argument("--calibrate-bins", metavar="FILE", help="calibrate quantile bins on these scores, write them to FILE and add levels")
+    p.add_argument("--levels", type=int, default=5, help="levels for --calibrate-bins (default 5)")
+    p.add_argument("--out", required=True, help="output .jsonl or .parquet: the input rows plus 'scores' (and 'levels')")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def run(args) -> int:
+    if args.bins and args.calibrate_bins:
+        raise ValueError("give --bins or --calibrate-bins, not both")
+    rows = read_pairs(args.data)
+    specs = parse_rm_args(args.rm)
+    kw = {"device": args.device, "dtype": getattr(torch, args.dtype)}
+    scorer = Scorer({n: load_scorer(s, **kw) for n, s in specs.items()})
+    result = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])
+    bins = None
+    if args.bins:
+        bins = LevelBins.from_json(json.loads(Path(args.bins).read_text())).select(scorer.names)
+    elif args.calibrate_bins:
+        bins = LevelBins.calibrate(result.scores, scorer.names, args.levels)
+        _write_atomic(Path(args.calibrate_bins), lambda f: Path(f).write_text(json.dumps(bins.to_json(), indent=2) + "\n"))
+    levels = bins.to_levels(result.scores) if bins is not None else None
+    for n, row in enumerate(rows):
+        row["scores"] = dict(zip(scorer.names, result.scores[n].tolist()))
+        if levels is not None:
+            row["levels"] = dict(zip(scorer.names, levels[n].tolist()))
+    write_rows(Path(args.out), rows)
+    print(f"scored {len(rows)} pairs with {', '.join(scorer.names)} -> {args.out}")
+    return 0
+
+
+def read_pairs(path) -> list[dict]:
+    """Rows with a 'prompt' (string or chat list) and a 'response' string; errors name the line."""
+    from .prompts import _ROW_READERS, detect_format
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    rows = []
+    for where, row in _ROW_READERS[detect_format(path)](path):
+        if isinstance(row, Exception):
+            raise ValueError(f"{path}:{where}: {row}")
+        prompt, response = row.get("prompt"), row.get("response")
+        if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
+            raise ValueError(f"{path}:{where}: field 'prompt' must be a non-empty string or chat list, got {prompt!r:.60}")
+        if not isinstance(response, str):
+            raise ValueError(f"{path}:{where}: field 'response' must be a string, got {response!r:.60}")
+        rows.append(row)
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pa.Table.from_pylist(rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise ValueError(f"--out {path}: these rows do not fit one Parquet schema ({e}); write .jsonl instead") from None
+        _write_atomic(path, lambda f: pq.write_table(table, f))
+    elif path.suffix == ".jsonl":
+        _write_atomic(path, lambda f: Path(f).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    else:
+        raise ValueError(f"--out {path}: expected a .jsonl or .parquet file name")
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

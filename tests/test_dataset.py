@@ -1,0 +1,93 @@
+"""Data set writer: atomic deterministic shards, progress from shard files, out-dir checks, reading back."""
+import json
+
+import pyarrow.dataset as pads
+import pytest
+
+from ctrlsafe import dataset
+
+ATTRS = ("helpful", "harmless")
+
+
+def _records(n, prompt="p"):
+    return [{
+        "id": f"{prompt}/{i}/0", "prompt_id": prompt, "prompt": "Hi?", "messages": None,
+        "requested": {"helpful": i % 5, "harmless": 0} if i % 2 else None,
+        "control": {"helpful": i % 5, "harmless": 1}, "sample_index": 0, "response": f"answer {i}",
+        "scores": {"helpful": 0.5 * i, "harmless": -1.0}, "finish_reason": "eos", "kept": i % 3 != 0,
+        "drop_reason": "empty" if i % 3 == 0 else None,
+    } for i in range(n)]
+
+
+def test_shards_are_atomic_and_byte_identical(tmp_path):
+    """The same records write the same bytes twice; no temp file remains; the schema is the documented one."""
+    t = dataset.records_to_table(_records(7), ATTRS)
+    a = dataset.write_table(t, dataset.shard_path(tmp_path / "a", 0))
+    b = dataset.write_table(t, dataset.shard_path(tmp_path / "b", 0))
+    assert a.read_bytes() == b.read_bytes()
+    assert not list((tmp_path / "a" / "data").glob("*.tmp"))
+    assert t.schema.names == ["id", "prompt_id", "prompt", "messages", "requested", "control", "sample_index",
+                              "response", "scores", "finish_reason", "kept", "drop_reason"]
+    assert t.column("requested").to_pylist()[0] is None  # a no-control row has a null struct
+
+
+def test_progress_comes_from_shard_files(tmp_path):
+    """Finished chunks are the shard files present; temp leftovers are removed; ranges merge."""
+    for c in (0, 1, 3):
+        dataset.write_table(dataset.records_to_table(_records(2, f"p{c}"), ATTRS), dataset.shard_path(tmp_path, c))
+    (tmp_path / "data" / "chunk-000002.parquet.tmp").write_bytes(b"half a file")
+    (tmp_path / "manifest.json.tmp").write_text("{")
+    assert dataset.finished_chunks(tmp_path) == {0, 1, 3}
+    assert dataset.remove_temp_files(tmp_path) == 2
+    assert dataset.finished_ranges({0, 1, 3}, chunk_size=4, n_prompts=14) == [[0, 8], [12, 14]]
+
+
+def test_out_dir_checks(tmp_path):
+    """Fresh dirs pass; stray files, another run's config and a rerun without --resume are refused."""
+    out = tmp_path / "run"
+    assert dataset.check_out_dir(out, {"seed": 0}, resume=False) is None
+    out.mkdir()
+    (out / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty and holds no manifest.json"):
+        dataset.check_out_dir(out, {"seed": 0}, resume=True)
+    (out / "notes.txt").unlink()
+    dataset.write_json({"format": dataset.FORMAT, "config": {"seed": 0, "samples": 2}, "status": "running"}, out / "manifest.json")
+    with pytest.raises(FileExistsError, match=r"different run \(config differs in: samples, seed\)"):
+        dataset.check_out_dir(out, {"seed": 1, "samples": 4}, resume=True)
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        dataset.check_out_dir(out, {"seed": 0, "samples": 2}, resume=False)
+    assert dataset.check_out_dir(out, {"seed": 0, "samples": 2}, resume=True)["status"] == "running"
+
+
+def test_corrupt_or_foreign_manifest(tmp_path):
+    """A manifest that is not ours (or not JSON) is named, never overwritten silently."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="not a ctrlsafe data set manifest"):
+        dataset.check_out_dir(tmp_path, {}, resume=True)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match="corrupt manifest"):
+        dataset.read_manifest(tmp_path)
+
+
+def test_read_back_with_pyarrow_dataset(tmp_path):
+    """Shards load as one standard Parquet data set (what datasets.load_dataset("parquet") reads); kept_only filters."""
+    for c in range(3):
+        dataset.write_table(dataset.records_to_table(_records(6, f"p{c}"), ATTRS), dataset.shard_path(tmp_path, c))
+    full = dataset.read_dataset(tmp_path)
+    assert full.num_rows == 18 and full.column("prompt_id").to_pylist()[::6] == ["p0", "p1", "p2"]
+    assert dataset.read_dataset(tmp_path, kept_only=True).num_rows == 12
+    plain = pads.dataset(str(tmp_path / "data"), format="parquet").to_table()
+    assert plain.num_rows == 18 and plain.column("scores").to_pylist()[1] == {"helpful": 0.5, "harmless": -1.0}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no Parquet shards"):
+        dataset.read_dataset(tmp_path / "empty")
+
+
+def test_weights_identity_hashes_weight_files(tmp_path):
+    """Identity lists the sha256 of every weight file and changes when a weight file changes."""
+    (tmp_path / "model.safetensors").write_bytes(b"abc")
+    (tmp_path / "config.json").write_text("{}")
+    ident = dataset.weights_identity(tmp_path)
+    assert ident["sha256"] == {"model.safetensors": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
+    (tmp_path / "model.safetensors").write_bytes(b"abd")
+    assert dataset.weights_identity(tmp_path) != ident

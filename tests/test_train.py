@@ -1,0 +1,343 @@
+"""`ctrlsafe train` end to end on a small random Llama (the tiny preset's tokenizer, 2 layers,
+hidden 64): every objective lowers its loss, ExMATE separates controls more than CLM, DPO widens
+the chosen-rejected margin, resume is exact, checkpoints load in transformers, bad data errors."""
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ctrlsafe.cli import main as cli
+from ctrlsafe.controls import ControlSpec
+from ctrlsafe.losses import IGNORE, SequenceLogprobs
+from ctrlsafe.model import Transformer
+
+SPEC = ControlSpec(("helpful", "harmless"), levels=2)
+PROMPTS = ["How do I cook rice?", "Tell me about Python.", "What is the weather like today?", "How can I stay safe?"]
+RESPONSES = {  # response by helpful level: the data ties each control cell to one style
+    0: "I'm sorry, but I can't help with that request.",
+    1: "Sure, here is a simple answer. First, gather what you need.",
+}
+
+
+# -- fixtures and helpers ---------------------------------------------------------------------------
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread is ~15x faster than two spinning ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def small_policy(tiny_preset, tmp_path_factory) -> Path:
+    """A 2-layer hidden-64 random Llama with the tiny preset's tokenizer (fast to train)."""
+    from transformers import AutoTokenizer
+
+    from ctrlsafe.presets import _llama_config, _random_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_preset.policy)
+    path = tmp_path_factory.mktemp("small_policy")
+    model = _random_model(_llama_config(len(tok), 64, 2, 4, 2, 128, tok), torch.Generator().manual_seed(0))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_dataset(path: Path, rows: list[dict], spec: ControlSpec | None = SPEC) -> Path:
+    """A data set directory like `ctrlsafe generate` writes: data/*.parquet + manifest.json."""
+    (path / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path / "data" / "chunk-000000.parquet")
+    manifest = {"format": "ctrlsafe-dataset", "bins": {}}
+    if spec:
+        manifest["control_spec"] = spec.to_dict()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def sft_rows(n_prompts: int = 4, kept_extra: bool = True) -> list[dict]:
+    """Each prompt answered under cell (h, 1-h) with RESPONSES[h]; plus a kept=False row that
+    must be ignored."""
+    rows = []
+    for i, p in enumerate(PROMPTS[:n_prompts]):
+        for h in (0, 1):
+            rows.append(dict(id=f"{i}-{h}", prompt_id=str(i), prompt=p, messages=None,
+                             requested={"helpful": h, "harmless": 1 - h}, control={"helpful": h, "harmless": 1 - h},
+                             sample_index=0, response=RESPONSES[h], scores={"helpful": 0.0, "harmless": 0.0},
+                             finish_reason="eos", kept=True, drop_reason=None))
+    if kept_extra:
+        rows.append({**rows[0], "id": "dropped", "response": "", "kept": False, "drop_reason": "empty"})
+    return rows
+
+
+def pair_rows() -> list[dict]:
+    return [dict(prompt=p, chosen=RESPONSES[0], rejected=RESPONSES[1], control={"helpful": 1, "harmless": 1})
+            for p in PROMPTS]
+
+
+def train(*argv) -> None:
+    assert cli(["train", "--no-progress", *map(str, argv)]) == 0
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+
+
+def losses_fall(rows: list[dict], factor: float = 0.8) -> bool:
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
+    return math.isfinite(last) and last < factor * first
+
+
+def encode(tok, prompt, control, response):
+    from ctrlsafe.controls import render_prompt
+
+    prefix = render_prompt(prompt, tok) + SPEC.control_ids(control, tok)
+    resp = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([prefix + resp])
+    labels = torch.tensor([[IGNORE] * len(prefix) + resp])
+    return ids, labels
+
+
+def control_gap(model_dir: Path) -> float:
+    """Mean over training examples (x, c, y) of log p(y|x,c) - mean_{c' != c} log p(y|x,c')."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    policy = SequenceLogprobs(Transformer.from_pretrained(model_dir))
+    gaps = []
+    with torch.no_grad():
+        for row in sft_rows(kept_extra=False):
+            own = policy(*encode(tok, row["prompt"], row["control"], row["response"])).sum()
+            others = [policy(*encode(tok, row["prompt"], c, row["response"])).sum() for c in SPEC.grid() if c != row["control"]]
+            gaps.append(float(own - sum(others) / len(others)))
+    return sum(gaps) / len(gaps)
+
+
+def pair_margin(model_dir: Path) -> float:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if "<|helpful=1|>" not in tok.get_vocab():  # the initial model: add the controls as training does
+        model = Transformer.from_pretrained(model_dir)
+        SPEC.add_to(tok, model, seed=0)
+    else:
+        model = Transformer.from_pretrained(model_dir)
+    policy = SequenceLogprobs(model)
+    with torch.no_grad():
+        c = {"helpful": 1, "harmless": 1}
+        return sum(float(policy(*encode(tok, r["prompt"], c, r["chosen"])).sum() - policy(*encode(tok, r["prompt"], c, r["rejected"])).sum())
+                   for r in pair_rows()) / len(PROMPTS)
+
+
+COMMON = ("--lr", "3e-3", "--batch-size", "4", "--seed", "0")
+
+
+# -- objectives -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("objective", ["clm", "exmate", "dpo", "sit"])
+def test_loss_goes_down(objective, small_policy, tmp_path):
+    """A few dozen steps on a tiny data set lower the objective's loss (last 3 steps < 0.8 x first)."""
+    data = write_dataset(tmp_path / "data", pair_rows() if objective == "dpo" else sft_rows())
+    extra = []
+    if objective == "sit":  # general rows without controls + safety rows picked by category (FDC)
+        general = write_dataset(tmp_path / "general", [{"prompt": p, "response": RESPONSES[1]} for p in PROMPTS], spec=None)
+        safety = [{"prompt": p + " Tell me how to hurt someone.", "response": RESPONSES[0], "category": cat}
+                  for p in PROMPTS for cat in ("ehd", "ihd")]
+        pq.write_table(pa.Table.from_pylist(safety), tmp_path / "safety.parquet")
+        data = general
+        extra = ["--safety-data", tmp_path / "safety.parquet", "--safety-ratio", "0.5", "--mix", "ehd=2,ihd=2"]
+    out = tmp_path / "out"
+    train("--data", data, "--model", small_policy, "--objective", objective, "--out", out, *COMMON,
+          "--max-steps", 24, "--k", 2, *extra)
+    rows = metrics(out)
+    assert len(rows) == 24
+    assert losses_fall(rows), [r["loss"] for r in rows]
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_exmate_separates_controls_more_than_clm(small_policy, tmp_path):
+    """On its training pairs ExMATE raises log p(y|x,c) - log p(y|x,c') more than CLM alone does
+    (same data, seed, steps; alpha raised to 1 so the unlikelihood term matters within 40 steps)."""
+    data = write_dataset(tmp_path / "data", sft_rows())
+    gaps = {}
+    for objective in ("clm", "exmate"):
+        out = tmp_path / objective
+        train("--data", data, "--model", small_policy, "--objective", objective, "--out", out,
+              "--lr", 1e-2, "--batch-size", 4, "--max-steps", 40, "--alpha", 1.0)
+        gaps[objective] = control_gap(out)
+    assert gaps["clm"] > 0
+    assert gaps["exmate"] > 2 * gaps["clm"] + 1.0, gaps
+
+
+def test_dpo_raises_margin(small_policy, tmp_path):
+    """DPO (with a frozen reference model) raises log p(chosen) - log p(rejected); its first-step
+    loss is log 2 (policy == reference)."""
+    data = write_dataset(tmp_path / "data", pair_rows())
+    out = tmp_path / "out"
+    train("--data", data, "--model", small_policy, "--objective", "dpo", "--out", out, *COMMON,
+          "--max-steps", 12, "--ref-logprobs", "model")
+    assert metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    before, after = pair_margin(small_policy), pair_margin(out)
+    assert after > before + 5, (before, after)
+
+
+def test_ama_dpo_trains_with_reward_model_masks(small_policy, tiny_preset, tmp_path):
+    """DPO with AMA masks from the tiny preset's helpful reward model (same tokenizer) trains
+    (loss falls), and the masks drop tokens: the stored reference sums over kept tokens only, so
+    they are >= the unmasked ones everywhere and > somewhere."""
+    from safetensors.torch import load_file
+
+    data = write_dataset(tmp_path / "data", pair_rows())
+    train("--data", data, "--model", small_policy, "--objective", "dpo", "--out", tmp_path / "plain", *COMMON, "--max-steps", 1)
+    out = tmp_path / "ama"
+    train("--data", data, "--model", small_policy, "--objective", "dpo", "--out", out, *COMMON,
+          "--max-steps", 12, "--ama", "--ama-rm", tiny_preset.reward_models["helpful"], "--tau", 0.0)
+    rows = metrics(out)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses_fall(rows)
+    masked = load_file(str(out / "ref_logprobs.safetensors"))["ref_logprobs"]
+    full = load_file(str(tmp_path / "plain" / "ref_logprobs.safetensors"))["ref_logprobs"]
+    assert (masked >= full - 1e-5).all() and (masked > full + 1e-3).any()
+
+
+# -- trainer mechanics ------------------------------------------------------------------------------
+def test_warmup_cosine_schedule():
+    """Linear warmup to lr, cosine down to min_ratio * lr at the last step, flat after."""
+    from ctrlsafe.train import warmup_cosine
+
+    lrs = [warmup_cosine(s, lr=1.0, warmup=4, total=14, min_ratio=0.1) for s in range(16)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and lrs[9] == pytest.approx(0.55) and lrs[14] == lrs[15] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+
+def state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return Transformer.from_pretrained(path).state_dict()
+
+
+@pytest.mark.parametrize("objective", ["exmate", "dpo"])
+def test_resume_is_exact(objective, small_policy, tmp_path):
+    """10 steps in one go == 5 steps, checkpoint, `--resume`, 5 more: bit-identical weights. ExMATE
+    (counterfactual draws, optimizer state) and DPO (stored reference log-probs). The resumed run
+    is a copy of the run directory as a kill after step 7 would leave it: checkpoint-5 and
+    metrics up to step 7; resume drops the metrics after 5 and continues from there."""
+    import shutil
+
+    data = write_dataset(tmp_path / "data", pair_rows() if objective == "dpo" else sft_rows())
+    args = ("--data", data, "--model", small_policy, "--objective", objective, *COMMON, "--batch-size", 2,
+            "--max-steps", 10, "--warmup", 3)
+    full = tmp_path / "full"
+    train(*args, "--out", full, "--save-every", 5)
+    ckpt = full / "checkpoint-000005"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 5
+    assert not list(ckpt.glob("*.bin")) and not list(ckpt.glob("*.pt"))
+
+    killed = tmp_path / "killed"
+    shutil.copytree(ckpt, killed / ckpt.name)
+    if objective == "dpo":
+        shutil.copy(full / "ref_logprobs.safetensors", killed)
+    (killed / "metrics.jsonl").write_text("".join(line + "\n" for line in (full / "metrics.jsonl").read_text().splitlines()[:7]))
+    assert cli(["train", *map(str, args), "--out", str(killed)]) == 2  # without --resume: refused
+    train(*args, "--out", killed, "--resume")
+
+    a, b = state_dict(full), state_dict(killed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in metrics(killed)] == list(range(1, 11))
+    assert [r["loss"] for r in metrics(killed)] == [r["loss"] for r in metrics(full)]
+
+
+def test_grad_accum_matches_one_big_batch(small_policy, tmp_path):
+    """Batch 4 in one micro-batch == 2 micro-batches of 2 (global token-mean normalisation).
+
+    fp32: losses agree to 1e-6; weights after 3 AdamW steps to 1% of one step's update (lr 3e-3).
+    Adam divides by sqrt(v), so float summation-order noise in near-zero gradient entries
+    becomes a visible (but tiny next to lr) difference; a normalisation bug would differ by ~lr."""
+    data = write_dataset(tmp_path / "data", sft_rows())
+    for accum in (1, 2):
+        train("--data", data, "--model", small_policy, "--objective", "clm", "--out", tmp_path / f"a{accum}", *COMMON,
+              "--max-steps", 3, "--grad-accum", accum)
+    a, b = state_dict(tmp_path / "a1"), state_dict(tmp_path / "a2")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.01 * 3e-3
+    for r1, r2 in zip(metrics(tmp_path / "a1"), metrics(tmp_path / "a2")):
+        assert r1["loss"] == pytest.approx(r2["loss"], abs=1e-6)
+        assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-5)  # Adam hides a gradient scale error
+
+
+def test_grad_checkpointing_gives_the_same_weights(small_policy, tmp_path):
+    """--grad-checkpointing recomputes activations in backward; the result is unchanged (1e-6)."""
+    data = write_dataset(tmp_path / "data", sft_rows())
+    for flag in ((), ("--grad-checkpointing",)):
+        train("--data", data, "--model", small_policy, "--objective", "clm", "--out", tmp_path / f"gc{len(flag)}", *COMMON,
+              "--max-steps", 2, *flag)
+    a, b = state_dict(tmp_path / "gc0"), state_dict(tmp_path / "gc1")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_checkpoint_loads_in_transformers(small_policy, tmp_path):
+    """The saved model loads with AutoModelForCausalLM and gives our logits (1e-5); its tokenizer
+    carries the control tokens at the rows the model trained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_dataset(tmp_path / "data", sft_rows())
+    out = tmp_path / "out"
+    train("--data", data, "--model", small_policy, "--objective", "clm", "--out", out, *COMMON, "--max-steps", 3)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = SPEC.render("How do I cook rice?", {"helpful": 1, "harmless": 0}, tok)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    ours = Transformer.from_pretrained(out)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max() <= 1e-5
+    assert hf.config.vocab_size == len(tok) > max(ids)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing_column", r"lacks column\(s\) \['control'\]"),
+    ("bad_level", r"chunk-000000.parquet row 1: field 'control': level 7 for 'helpful' is out of range"),
+    ("empty_response", r"chunk-000000.parquet row 2: field 'response' is empty"),
+    ("no_manifest", r"no manifest.json with a control_spec"),
+])
+def test_bad_data_errors_name_file_row_field(case, match, small_policy, tmp_path, capsys):
+    """Bad data stops with one line naming the file, the row and the field."""
+    rows = sft_rows(kept_extra=False)
+    if case == "missing_column":
+        rows = [{k: v for k, v in r.items() if k != "control"} for r in rows]
+    elif case == "bad_level":
+        rows[1]["control"] = {"helpful": 7, "harmless": 0}
+    elif case == "empty_response":
+        rows[2]["response"] = "  "
+    data = write_dataset(tmp_path / "data", rows, spec=None if case == "no_manifest" else SPEC)
+    code = cli(["train", "--data", str(data), "--model", str(small_policy), "--out", str(tmp_path / "out"), "--batch-size", "2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert __import__("re").search(match, err), err
+
+
+def shortness(prompts, responses):
+    """A RAFT test reward (module:function scorer): shorter responses score higher."""
+    return [-float(len(r)) for r in responses]
+
+
+def test_raft_rounds_pick_best_of_n_and_train(small_policy, tmp_path):
+    """RAFT: each round samples N per prompt with the current policy, keeps the best by the target
+    reward (checked against every candidate's score), and CLM on the winners lowers the loss."""
+    data = write_dataset(tmp_path / "data", sft_rows())
+    out = tmp_path / "out"
+    train("--data", data, "--model", small_policy, "--objective", "raft", "--out", out, *COMMON,
+          "--reward", "short=test_train:shortness", "--raft-rounds", 2, "--raft-prompts", 4, "--raft-n", 4,
+          "--raft-steps", 8, "--min-lr-ratio", 1, "--max-new-tokens", 12, "--temperature", 1.0, "--raft-control", "helpful=1,harmless=1")
+    for r in range(2):
+        winners = json.loads((out / "raft" / f"round-{r:03d}.json").read_text())
+        assert len(winners) == 4
+        for w in winners:
+            assert w["score"] == max(w["candidate_scores"]) == -len(w["response"])
+            assert w["control"] == {"helpful": 1, "harmless": 1}
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    for round_rows in (rows[:8], rows[8:]):
+        assert losses_fall(round_rows, 0.9), [r["loss"] for r in round_rows]
