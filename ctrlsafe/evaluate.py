@@ -78,9 +78,9 @@ def _first_rows(path: str, n: int) -> list[tuple[str, dict]]:
     """(location, row) of the first n rows, through the prompt reader's own row readers: it keeps
     only id and prompt, and the label column lives in the same rows (with on_bad_row="error" the
     k-th prompt is the k-th row)."""
-    from .prompts import _ROW_READERS, detect_format
+    from .prompts import iter_rows
 
-    reader = _ROW_READERS[detect_format(Path(path))](Path(path))
+    reader = iter_rows(path)
     try:
         return list(itertools.islice(reader, n))
     finally:
@@ -329,19 +329,6 @@ def records_for(pset: PromptSet, outs, scores, levels, refused, attributes) -> l
     ]
 
 
-def load_engine(policy: str, spec, *, method: str, device: str, dtype, max_rows: int, max_batch_tokens: int):
-    from transformers import AutoTokenizer
-
-    from .generate import Engine
-    from .model import Transformer
-
-    model = Transformer.from_pretrained(policy, dtype=dtype, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(policy)
-    if method == "tokens":
-        spec.add_to(tokenizer, model)  # no-op for a policy trained with these tokens; mean-initialised rows otherwise
-    return Engine(model, tokenizer, spec, max_batch_tokens=max_batch_tokens, max_rows=max_rows)
-
-
 # -- CLI -----------------------------------------------------------------------------------------
 def add_arguments(p) -> None:
     from .pipeline import METHODS
@@ -378,7 +365,7 @@ def run(args) -> int:
 
     from .controls import ControlSpec
     from .generate import SamplingParams
-    from .pipeline import Progress, _parse_controls, _read_bins_file
+    from .pipeline import Progress, _parse_controls, _read_bins_file, load_engine
     from .presets import example_prompts_path, tiny
     from .reward import LevelBins, Scorer, parse_rm_args
 
@@ -403,7 +390,7 @@ def run(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    engine = load_engine(policy, spec, method=args.method, device=device, dtype=dtype, max_rows=args.max_rows,
+    engine = load_engine(policy, spec, control_tokens=args.method == "tokens", device=device, dtype=dtype, max_rows=args.max_rows,
                          max_batch_tokens=args.max_batch_tokens)
     scorer = Scorer(dict(rms))
     judge = refusal_judge(args.judge, args.judge_threshold)

@@ -281,7 +281,7 @@ class Transformer(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {f"model.{k}": v for k, v in self.state_dict().items() if not k.startswith("lm_head")}
-        if not self.args.tie_word_embeddings:
+        if not self.args.tie_word_embeddings and self.lm_head is not None:  # reward backbones have no LM head
             state["lm_head.weight"] = self.lm_head.weight
         state.update(extra_tensors or {})
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}

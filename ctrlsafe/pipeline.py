@@ -342,23 +342,32 @@ def _calibrate(scores, names, levels):
     return LevelBins.calibrate(scores, list(names), levels=levels)
 
 
-def _models(job: Job, args):
-    """The engine (policy + tokenizer with the control tokens) and the scorer, on this rank's device."""
-    import torch
+def load_engine(policy, spec: ControlSpec, *, control_tokens: bool, device: str, dtype, max_rows: int, max_batch_tokens: int):
+    """An Engine over a policy directory; with control_tokens, the spec's tokens are added to the
+    tokenizer and model (a no-op for a policy already trained with them)."""
     from transformers import AutoTokenizer
 
     from .generate import Engine
     from .model import Transformer
+
+    model = Transformer.from_pretrained(policy, dtype=dtype, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    if control_tokens:
+        spec.add_to(tokenizer, model)
+    return Engine(model, tokenizer, spec, max_batch_tokens=max_batch_tokens, max_rows=max_rows)
+
+
+def _models(job: Job, args):
+    """The engine (policy + tokenizer with the control tokens) and the scorer, on this rank's device."""
+    import torch
+
     from .reward import Scorer, load_scorer
 
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = Transformer.from_pretrained(job.policy, dtype=dtype, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(job.policy)
-    if args.method == "tokens" and job.controls is not None:
-        job.spec.add_to(tokenizer, model)  # no-op for a policy already trained with these tokens
-    engine = Engine(model, tokenizer, job.spec, max_batch_tokens=args.max_batch_tokens, max_rows=args.max_rows)
+    engine = load_engine(job.policy, job.spec, control_tokens=args.method == "tokens" and job.controls is not None,
+                         device=device, dtype=dtype, max_rows=args.max_rows, max_batch_tokens=args.max_batch_tokens)
     scorer = Scorer({name: load_scorer(s, device=device, dtype=dtype) for name, s in job.rms.items()})
     return engine, scorer
 

@@ -86,7 +86,7 @@ def read_prompts(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    rows = _ROW_READERS[detect_format(path)](path)
+    rows = iter_rows(path)
     out = PromptSet([], [], str(path))
     seen: dict[str, str] = {}
     for n, (where, row) in enumerate(rows):
@@ -242,3 +242,10 @@ def _parquet_rows(path: Path) -> Iterator:
 
 
 _ROW_READERS = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}
+
+
+def iter_rows(path) -> Iterator:
+    """(location, row dict) of every row of a JSONL(.gz) / JSON / CSV(.gz) / Parquet file, all
+    columns kept; a row that cannot be parsed comes as (location, exception)."""
+    path = Path(path)
+    return _ROW_READERS[detect_format(path)](path)

@@ -481,13 +481,13 @@ def run(args) -> int:
 
 def read_pairs(path) -> list[dict]:
     """Rows with a 'prompt' (string or chat list) and a 'response' string; errors name the line."""
-    from .prompts import _ROW_READERS, detect_format
+    from .prompts import iter_rows
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     rows = []
-    for where, row in _ROW_READERS[detect_format(path)](path):
+    for where, row in iter_rows(path):
         if isinstance(row, Exception):
             raise ValueError(f"{path}:{where}: {row}")
         prompt, response = row.get("prompt"), row.get("response")

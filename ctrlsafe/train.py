@@ -1,4 +1,5 @@
-"""`ctrlsafe train`: fine-tune a policy with CLM, ExMATE, DPO(+AMA), RAFT or SIT (+FDC mixing).
+"""`ctrlsafe train`: fine-tune a policy with CLM, ExMATE, DPO(+AMA), RAFT, SIT (+FDC mixing) or
+PPO(+AMA) / RLOO (ctrlsafe/rlhf.py).
 
     ctrlsafe train --data runs/demo --model POLICY --objective clm --out runs/clm
     torchrun --standalone --nproc_per_node=2 -m ctrlsafe train ...        # DDP (gloo on CPU)
@@ -45,7 +46,7 @@ from .losses import CLM, DPO, IGNORE, Batch, ExMATE, Normalizer, SequenceLogprob
 from .mixing import mix, parse_spec, sit_mix
 from .model import Transformer
 
-OBJECTIVES = ("clm", "exmate", "dpo", "raft", "sit")
+OBJECTIVES = ("clm", "exmate", "dpo", "raft", "sit", "ppo", "rloo")
 STATE_FILE = "trainer_state.json"
 
 
@@ -82,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, default=0.1)
     g.add_argument("--ref-logprobs", choices=("precompute", "model"), default="precompute",
                    help="reference log-probs computed once from the initial model (stored in OUT), or by a frozen copy every step")
-    g.add_argument("--ama", action="store_true", help="AMA per-token masks from --ama-rm's prefix scores")
+    g.add_argument("--ama", action="store_true", help="AMA per-token masks: DPO from --ama-rm's prefix scores, PPO from the value head's sign")
     g.add_argument("--ama-rm", help="reward model DIR or DIR#HEAD for AMA's per-token rewards (must share the policy's tokenizer)")
     g.add_argument("--tau", type=float, default=0.3, help="AMA hysteresis threshold")
     g.add_argument("--ama-reward", choices=("raw", "diff"), default="raw",
@@ -104,6 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--raft-control", help="control cell to sample and train under, e.g. helpful=4,harmless=4 (default: none)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=128)
+    from .rlhf import add_arguments as add_rl_arguments  # rlhf builds on this module: import it late
+
+    add_rl_arguments(p)
 
 
 # -- distributed ----------------------------------------------------------------------------------
@@ -463,7 +467,8 @@ class Trainer:
             for k, v in s.items():
                 stats[k] = stats.get(k, 0.0) + v
         clip = self.cfg.clip if self.cfg.clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -504,8 +509,12 @@ class Trainer:
                 metrics.close()
 
     # checkpoints --------------------------------------------------------------------------------
+    def extra_tensors(self) -> dict:
+        """Tensors saved beside the model's own (e.g. PPO's value head); transformers ignores them."""
+        return {}
+
     def save_model(self, path: Path) -> None:
-        self.model.save_pretrained(path)
+        self.model.save_pretrained(path, extra_tensors=self.extra_tensors())
         self.tokenizer.save_pretrained(path)
         gen = Path(self.source_model) / "generation_config.json"
         if gen.is_file():
@@ -754,8 +763,8 @@ def load_training_table(args) -> tuple[pa.Table, dict | None]:
 def check_args(args) -> None:
     if args.objective == "sit" and not args.safety_data:
         raise CommandError("--objective sit needs --safety-data (safety demonstrations mixed into --data at --safety-ratio)")
-    if args.ama and (args.objective != "dpo" or not args.ama_rm):
-        raise CommandError("--ama works with --objective dpo and needs --ama-rm REWARD_MODEL_DIR")
+    if args.ama and not (args.objective == "ppo" or (args.objective == "dpo" and args.ama_rm)):
+        raise CommandError("--ama works with --objective ppo, or with --objective dpo and --ama-rm REWARD_MODEL_DIR")
     for name in ("batch_size", "grad_accum", "k", "max_length", "raft_rounds", "raft_prompts", "raft_n", "raft_steps"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -802,9 +811,9 @@ def run(args) -> int:
     table, manifest = load_training_table(args)
     spec = ControlSpec.from_dict(manifest["control_spec"]) if manifest and "control_spec" in manifest else None
     required = {"clm": ("response", "control"), "exmate": ("response", "control"), "sit": ("response",),
-                "dpo": ("chosen", "rejected"), "raft": ()}[args.objective]
+                "dpo": ("chosen", "rejected"), "raft": (), "ppo": (), "rloo": ()}[args.objective]
     check_columns(table, required, args.objective)
-    if ("control" in required or args.raft_control) and spec is None:
+    if ("control" in required or args.raft_control or args.objective in ("ppo", "rloo")) and spec is None:
         raise ValueError(f"--data {' '.join(args.data)}: no manifest.json with a control_spec found beside the data; "
                          f"--objective {args.objective} conditions on control tokens")
 
@@ -816,6 +825,10 @@ def run(args) -> int:
         spec.add_to(tok, model, seed=args.seed)  # a no-op for a checkpoint: its tokenizer has them
     model.gradient_checkpointing = args.grad_checkpointing
     tokens = Tokens(tok, spec, args.max_length)
+    if args.objective in ("ppo", "rloo"):
+        from .rlhf import run_rl
+
+        return finish(run_rl(args, model, tokens, table, manifest, cfg, d, out, ckpt), d, out)
     objective, data = build_objective(args, table.to_pylist(), tokens, cfg, d)
     if tokens.truncated and d.main:
         print(f"ctrlsafe train: {tokens.truncated} responses cut to --max-length {args.max_length}")
@@ -844,6 +857,10 @@ def run(args) -> int:
         run_raft(args, trainer, tokens, table, cfg, d, out)
     else:
         trainer.run(data, until=total)
+    return finish(trainer, d, out)
+
+
+def finish(trainer: Trainer, d: Dist, out: Path) -> int:
     if d.main:
         trainer.save_model(out)
     d.barrier()
