@@ -21,6 +21,8 @@ demo: setup  ## the main job on the embedded tiny preset (--resume: a second `ma
 test: setup
 	$(BIN)/pytest -q
 
+replication: setup ; examples/stories_control/run.sh  ## stories260k controllability replication -> docs/replication.md (~15 min CPU)
+
 bench: setup
 	$(BIN)/ctrlsafe bench --quick
 

@@ -7,7 +7,7 @@ top_p 0.9. transformers gets the 32 prompt+control inputs with num_return_sequen
 
 Prints new tokens/s of both and the ratio (x ref), ctrlsafe's time split (prefill / decode
 forward / sampling / other) and the peak RSS of each provider, measured in a fresh subprocess
-that loads the model and runs the work once (ru_maxrss of the child).
+that loads the model and runs the work once (the child's VmHWM).
 
     python -m ctrlsafe.benchmarks.bench_generate [--quick]
 """
@@ -107,7 +107,18 @@ def child(provider: str, quick: bool, path: str) -> None:
     work = QUICK if quick else FULL
     torch.manual_seed(0)
     PROVIDERS[provider](work, Path(path))()
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": _peak_rss_kb() / 1024}))
+
+
+def _peak_rss_kb() -> int:
+    """This process's RSS high-water: VmHWM on Linux (ru_maxrss survives exec, so a child forked
+    from a big parent would report the parent's size), else getrusage."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def peak_rss_mb(providers, quick: bool, path: Path) -> dict[str, float]:

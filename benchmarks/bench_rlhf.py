@@ -14,6 +14,9 @@ tokens, temperature 1; 2 PPO epochs over the 64 rows in minibatches of 32.
    [prompt][control] batch with num_return_sequences=n (reference). Throughput: generated
    sequences per second.
 
+On CPU both run with one intra-op thread: these models are small, and on the shared 2-core
+machine two threads mostly measure spinning contention, not the code.
+
     python -m ctrlsafe.benchmarks.bench_rlhf [--quick]
 """
 from __future__ import annotations
@@ -136,9 +139,15 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
     from ctrlsafe.presets import tiny
 
     w = QUICK if quick else FULL
-    with tempfile.TemporaryDirectory() as tmp:
-        preset = tiny(root=Path(tmp) / "preset")
-        return step_rows(preset, w, device, Path(tmp)) + generate_rows(preset, w, device)
+    threads = torch.get_num_threads()
+    if device == "cpu":  # see the module doc
+        torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            preset = tiny(root=Path(tmp) / "preset")
+            return step_rows(preset, w, device, Path(tmp)) + generate_rows(preset, w, device)
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -365,7 +365,7 @@ def run(args) -> int:
 
     from .controls import ControlSpec
     from .generate import SamplingParams
-    from .pipeline import Progress, _parse_controls, _read_bins_file, load_engine
+    from .pipeline import Progress, parse_controls, read_bins_file, load_engine
     from .presets import example_prompts_path, tiny
     from .reward import LevelBins, Scorer, parse_rm_args
 
@@ -375,10 +375,10 @@ def run(args) -> int:
     preset = tiny() if args.model is None or not args.rm else None
     policy = args.model or str(preset.policy)
     rms = parse_rm_args(args.rm) if args.rm else {n: str(p) for n, p in preset.reward_models.items()}
-    bins = None if args.bins == "calibrate" else LevelBins.from_json(_read_bins_file(args.bins)).select(list(rms))
+    bins = None if args.bins == "calibrate" else LevelBins.from_json(read_bins_file(args.bins)).select(list(rms))
     levels = args.levels if bins is None else bins.levels
     spec = ControlSpec(tuple(rms), levels)
-    controls = _parse_controls(args.controls, spec)
+    controls = parse_controls(args.controls, spec)
     if controls is None:
         raise ValueError("--controls none: eval compares control cells; give grid or a subset")
     sets = [load_prompt_set(args.prompts or f"{example_prompts_path()}:kind", name="prompts", limit=args.limit)]

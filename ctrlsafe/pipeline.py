@@ -247,12 +247,12 @@ def _resolve(args, *, hash_weights: bool) -> Job:
                       on_bad_row=args.on_bad_row, limit=args.limit, dialogue=args.dialogue)
     if not ps.prompts:
         raise ValueError(f"{prompt_file}: no prompts to generate for" + (f" ({len(ps.skipped)} bad rows skipped)" if ps.skipped else ""))
-    controls = _parse_controls(args.controls, spec)
+    controls = parse_controls(args.controls, spec)
     if args.method == "rerank" and controls is None:
         raise ValueError("--method rerank chooses a sample per requested cell; give --controls (not none)")
     dcfg = distill.config_from_args(args)
     dcfg.check(spec.attributes)
-    bins_json = None if args.bins == "calibrate" else _read_bins_file(args.bins)
+    bins_json = None if args.bins == "calibrate" else read_bins_file(args.bins)
     _load_bins(bins_json, spec)  # fail now, not after loading the models
     from .generate import SamplingParams
 
@@ -271,7 +271,7 @@ def _resolve(args, *, hash_weights: bool) -> Job:
     return Job(ps.prompts, ps.skipped, spec, controls, policy, rms, dcfg, bins_json, config)
 
 
-def _parse_controls(text: str, spec: ControlSpec):
+def parse_controls(text: str, spec: ControlSpec):
     if text == "none":
         return None
     if Path(text).is_file():
@@ -308,7 +308,7 @@ def _identity(spec: str, hash_weights: bool) -> dict:
     return dataset.weights_identity(path) if hash_weights else {"path": str(path.resolve())}
 
 
-def _read_bins_file(path: str) -> dict:
+def read_bins_file(path: str) -> dict:
     p = Path(path)
     if p.is_dir():
         p = p / dataset.MANIFEST

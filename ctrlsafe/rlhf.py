@@ -14,7 +14,8 @@ One rollout r, then `--ppo-epochs` passes over it in minibatches of `--batch-siz
      -((score - centre(target)) / width)^2, centre the middle of the target's bin (the end bins:
      half a bin width past their inner edge), width the mean bin width (1 with 2 levels);
   5. log-probs of the policy (old), of the frozen initial model (reference) and the value head's
-     estimates, all in one no-grad forward each, log-probs through ops.linear_logprobs;
+     estimates, all in one no-grad forward each, log-probs through ops.linear_logprobs at
+     `--temperature` (the distribution actually sampled, as TRL does);
   6. per-token reward: -kl_coef * KL_t on every response token plus the control reward on the
      last. KL_t estimates KL(policy || reference) from the sampled token, with
      d = log p_ref(y_t) - log p_pol(y_t): k1 = -d (unbiased, can be negative per token),
@@ -32,7 +33,9 @@ divided by the step's response-token count (losses.Normalizer), like every objec
 AMA (Equilibrate RLHF) for PPO, `--ama`: a rollout with sequence advantage A >= 0 trains the
 policy only on its tokens whose value estimate is > 0, one with A < 0 only on those < 0. The
 sequence advantage is the (unwhitened) GAE advantage of its first response token. The mask
-applies to the policy loss only; the critic still learns from every token.
+applies to the policy loss only; the critic still learns from every token. The value's sign
+depends on the reward's offset (the level reward is <= 0, so a trained critic is mostly
+negative and rows with A >= 0 then keep few tokens): metrics' `policy_tokens` shows the kept share.
 
 The value head is a Linear(H, 1) on the policy's final hidden state, trained with the backbone
 and saved in every checkpoint as the extra tensor `value_head.weight` (transformers ignores it).
@@ -61,9 +64,6 @@ from torch import nn
 from .losses import IGNORE, Batch, Normalizer, always_sync
 from .ops.linear_logprobs import linear_logprobs
 from .train import Trainer
-
-RL_OBJECTIVES = ("ppo", "rloo")
-
 
 def add_arguments(p) -> None:
     """The PPO / RLOO options of `ctrlsafe train` (rollouts reuse --reward, --temperature,
@@ -200,10 +200,8 @@ class RolloutBatch(Batch):
     policy_mask: torch.Tensor | None = None  # AMA: the tokens the policy loss keeps
 
     def to(self, device) -> "RolloutBatch":
-        moved = super().to(device)
-        extra = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(RolloutBatch)
-                 if f.name in ("old_logp", "old_values", "advantages", "returns", "policy_mask") and getattr(self, f.name) is not None}
-        return dataclasses.replace(moved, **extra)
+        extra = ("old_logp", "old_values", "advantages", "returns", "policy_mask")
+        return dataclasses.replace(super().to(device), **{k: getattr(self, k).to(device) for k in extra if getattr(self, k) is not None})
 
 
 class PPO:
@@ -237,21 +235,18 @@ class PPO:
 
 
 # -- rollouts -------------------------------------------------------------------------------------
-ROLLOUT_KEYS = ("input_ids", "labels", "old_logp", "old_values", "advantages", "returns", "policy_mask", "groups")
-
 
 @torch.no_grad()
 def make_rollout(model, value_head, reference, tokens, prompts: list, targets: list[dict], scorer, bins, args, r: int) -> tuple[dict, dict]:
-    """Generate, score and evaluate one rollout: (tensors ROLLOUT_KEYS, metrics row).
+    """Generate, score and evaluate one rollout: (tensors [rows, ...] for RolloutData, metrics row).
 
     prompts[i] is trained under control targets[i]; row order is (prompt, sample)."""
+    from .controls import render_prompt
     from .generate import Engine, SamplingParams
     from .train import pad_rows
 
     spec, device = tokens.spec, model.embed_tokens.weight.device
-    prefixes = [tokens.prompt({"prompt": p, "__file": "--data", "__row": i} if isinstance(p, str) else
-                              {"messages": p, "__file": "--data", "__row": i}) + tokens.cells[tuple(t[a] for a in spec.attributes)]
-                for i, (p, t) in enumerate(zip(prompts, targets))]
+    prefixes = [render_prompt(p, tokens.tok) + tokens.cells[tuple(t[a] for a in spec.attributes)] for p, t in zip(prompts, targets)]
     times = {}
     t0 = time.perf_counter()
     engine = Engine(model, tokens.tok, spec)
@@ -311,10 +306,7 @@ class RolloutData:
 
     def __init__(self, tensors: dict, r: int, first_step: int, cfg, grad_accum: int):
         self.t, self.r, self.first_step, self.cfg = tensors, r, first_step, cfg
-        n = len(tensors["input_ids"])
-        if n % cfg.batch_size:
-            raise ValueError(f"a rollout has {n} rows (--rollout-prompts x --rollout-n); --batch-size {cfg.batch_size} must divide it")
-        self.minibatches = n // cfg.batch_size
+        self.minibatches = len(tensors["input_ids"]) // cfg.batch_size
         self.micro = cfg.batch_size // grad_accum
 
     def batches(self, step: int) -> list[RolloutBatch]:
@@ -361,14 +353,18 @@ def check_rl_args(args, d) -> None:
         raise ValueError("--clip-eps and --value-clip must be > 0 and --kl-coef >= 0")
     if d.world > 1:
         raise ValueError(f"--objective {args.objective} runs in one process for now (WORLD_SIZE is {d.world})")
+    rows = args.rollout_prompts * args.rollout_n
+    if rows % args.batch_size or args.batch_size % args.grad_accum:
+        raise ValueError(f"--batch-size {args.batch_size} must divide the rollout's {rows} rows (--rollout-prompts x --rollout-n) "
+                         f"and be divisible by --grad-accum {args.grad_accum}")
 
 
 def load_bins(args, manifest: dict | None, spec):
     """The level bins of the control attributes: --bins, else the --data manifest's."""
-    from .pipeline import _read_bins_file
+    from .pipeline import read_bins_file
     from .reward import LevelBins
 
-    d = _read_bins_file(args.bins) if args.bins else (manifest or {}).get("bins")
+    d = read_bins_file(args.bins) if args.bins else (manifest or {}).get("bins")
     if not d:
         raise ValueError(f"--objective {args.objective} bins scores into levels: pass --bins (LevelBins JSON or a data set), "
                          "or --data with a manifest that has bins")
@@ -408,13 +404,22 @@ def reference_model(args, spec, device):
     return ref.requires_grad_(False)
 
 
-def drop_unsaved_rollout_rows(out: Path) -> None:
-    """On resume: a rollout whose file is gone is generated (and logged) again; drop its old row."""
+def rollout_path(out: Path, r: int) -> Path:
+    return out / "rollouts" / f"rollout-{r:05d}.safetensors"
+
+
+def prune_rollouts(out: Path, current: int) -> None:
+    """On resume inside (or at the start of) rollout `current`: later rollouts a killed run left
+    are deleted (they are made again, identically, and logged then), and so is the metrics row of
+    any rollout from `current` on whose file is gone."""
+    for f in (out / "rollouts").glob("rollout-*.safetensors"):
+        if int(f.stem.split("-")[1]) > current:
+            f.unlink()
     path = out / "metrics.jsonl"
     if path.is_file():
         rows = path.read_text().splitlines()
-        keep = [line for line in rows if "rollout" not in (r := json.loads(line))
-                or (out / "rollouts" / f"rollout-{r['rollout']:05d}.safetensors").is_file()]
+        keep = [line for line in rows if "rollout" not in (r := json.loads(line)) or r["rollout"] < current
+                or rollout_path(out, r["rollout"]).is_file()]
         path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -447,10 +452,10 @@ def run_rl(args, model, tokens, table, manifest, cfg, d, out: Path, ckpt: Path |
     if ckpt:
         trainer.load_checkpoint(ckpt)
         keep_metrics_until(out / "metrics.jsonl", trainer.step)
-        drop_unsaved_rollout_rows(out)
+        prune_rollouts(out, current=trainer.step // per_rollout)
 
-    for r in range(trainer.step // max(1, per_rollout), args.rollouts):
-        path = out / "rollouts" / f"rollout-{r:05d}.safetensors"
+    for r in range(trainer.step // per_rollout, args.rollouts):
+        path = rollout_path(out, r)
         if path.is_file():  # resume: train on the rollout that was made
             tensors = load_file(str(path))
         elif trainer.step != r * per_rollout:
