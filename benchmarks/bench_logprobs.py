@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ctrlsafe.benchmark import Row, compare, main, peers
+from ctrlsafe.benchmark import Row, compare, main, peak_memory_mb, peers
 from ctrlsafe.ops import linear_logprobs
 
 
@@ -82,15 +82,6 @@ def exmate_step(logprobs, hidden, weight, target, k: int, work: Work, seed: int 
         (ALPHA * logprobs(h, weight, target).mean().exp()).backward()
 
 
-def high_water_mb(device: str) -> float:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # VmHWM, this process's own RSS high-water: ru_maxrss would do, except that Linux carries the
-    # parent's high-water into a child across fork + exec, hiding everything below it
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
-
-
 def child(provider: str, k: int, quick: bool, device: str) -> None:
     """Subprocess entry: allocate inputs, run the work once (k = 0: one pass), print peak extra MB."""
     work = QUICK if quick else FULL
@@ -99,13 +90,13 @@ def child(provider: str, k: int, quick: bool, device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    base = high_water_mb(device)
+    base = peak_memory_mb(device)
     t0 = time.perf_counter()
     exmate_step(fn, hidden, weight, target, k, work)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     ms = (time.perf_counter() - t0) * 1e3
-    print(json.dumps({"extra_mb": high_water_mb(device) - base, "ms": ms}))
+    print(json.dumps({"extra_mb": peak_memory_mb(device) - base, "ms": ms}))
 
 
 def in_subprocess(provider: str, k: int, quick: bool, device: str) -> dict:

@@ -268,6 +268,23 @@ def measure(fns: dict[str, Callable[[], object]], *, warmup: int = 1, reps: int 
     return times
 
 
+def peak_memory_mb(device: str = "cpu") -> float:
+    """This process's peak memory: the allocator's peak on CUDA; on CPU the RSS high-water VmHWM.
+
+    Not ru_maxrss: Linux carries the parent's high-water into a child across fork + exec, so a
+    fresh subprocess started from a big parent would report the parent's size.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = "/proc/self/status"
+    if os.path.exists(status):
+        with open(status) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def quantile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
