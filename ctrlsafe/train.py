@@ -283,7 +283,9 @@ class Tokens:
         except ValueError as e:
             raise ValueError(f"{_where(row)}: field 'messages': {e}") from None
 
-    def example(self, row, *, control_required: bool, response: str | None = None, eos: bool = True) -> Example:
+    def example(self, row, *, control_required: bool, response: str | None = None, eos: bool | None = None) -> Example:
+        if eos is None:  # a response cut at the length limit never ended: an EOS there would teach stopping early
+            eos = row.get("finish_reason") != "length"
         prompt = self.prompt(row)
         control = row_control(row, self.spec, control_required)
         ids = self.response(response if response is not None else row_text(row, "response"), eos)

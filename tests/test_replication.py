@@ -16,10 +16,15 @@ SCRIPT = ROOT / "examples" / "stories_control" / "run.sh"
 SMOKE = {"TRAIN_PROMPTS": "64", "HELDOUT_PROMPTS": "12", "SAMPLES": "2", "MAX_NEW": "64", "STEPS": "150",
          "EVAL_SAMPLES": "2", "RERANK_N": "4", "SEEDS": "0", "JOBS": "2"}
 
-# Measured at these SMOKE sizes (seed 0) on this CPU: see MARGIN_NOTE. The assertion asks for a
-# clearly smaller margin than measured, so sampling noise at 12 x 9 x 2 = 216 samples does not flake.
-MIN_MARGIN = None  # filled in below
-MARGIN_NOTE = ""
+# Measured at these SMOKE sizes (seed 0, this CPU, 2026-11-23): Spearman of requested level vs
+# score, base (untrained control tokens) -> trained:
+#   sentiment: base -0.001, CLM 0.017, ExMATE 0.114
+#   dialogue:  base  0.097, CLM 0.066, ExMATE 0.331   (best margin: ExMATE dialogue, +0.234)
+#   (rerank, training-free, for reference: 0.614 / 0.634)
+# Sampling is seeded, so the run is reproducible up to float differences between machines; the
+# threshold is well under the measured margin (one Spearman over 216 samples has a standard error
+# of about 0.07). CPU time measured: 2 min 25 s user (5 min 37 s wall on a heavily shared 2-core box).
+MIN_MARGIN = 0.10
 
 
 def _spearman(out: Path, method: str) -> dict[str, float]:
