@@ -35,6 +35,16 @@ def tiny_preset(tmp_path_factory):
     return tiny(seed=0, root=root)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread is ~15x faster than two spinning
+    ones. Modules of many tiny-model steps opt in with pytestmark = usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

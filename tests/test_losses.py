@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ctrlsafe.losses import (CLM, DPO, IGNORE, Batch, ExMATE, Normalizer, SequenceLogprobs, ama_mask, ama_segments,
                              counterfactual_cells, prefix_scores, response_token_rewards, with_controls)
 from ctrlsafe.model import ModelArgs, Transformer
-from test_train import one_thread  # noqa: F401  (autouse: one torch thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 V, CONTROL_IDS = 61, (50, 51, 52, 53)  # four "control token" ids at the end of a small vocabulary
 

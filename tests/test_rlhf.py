@@ -130,13 +130,7 @@ def test_control_reward_level_and_smooth():
 
 
 # -- end to end -------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread is much faster than two spinning ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def starts_with_space(prompts, responses):

@@ -24,13 +24,7 @@ RESPONSES = {  # response by helpful level: the data ties each control cell to o
 
 
 # -- fixtures and helpers ---------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread is ~15x faster than two spinning ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from test_train import metrics, one_thread, sft_rows, small_policy, state_dict, train, write_dataset  # noqa: F401
+from test_train import metrics, sft_rows, small_policy, state_dict, train, write_dataset  # noqa: F401
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 
 
 def test_world2_equals_world1(small_policy, tmp_path):  # noqa: F811
