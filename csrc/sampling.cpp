@@ -3,10 +3,12 @@
 //
 // All three filters keep the logits at or above a value threshold (x / T is monotone in x), so
 // a row is: one read for max / NaN / +inf; the top-k threshold (streaming selection when k is
-// small, else bisection on counts); e = exp((x - max) / T) once into a per-thread buffer; the
-// top-p threshold by bisection on kept mass; min-p as x >= max + T log(min_p); then one
-// inverse-CDF walk in vocabulary order. Masses are summed in double so decisions match the
-// float64 reference except within float rounding of a boundary.
+// small, else bisection on counts); e = exp((x - max) / T) once into a per-thread buffer, with
+// its sum; min-p as x >= max + T log(min_p); a lower bound on the top-p threshold from that sum
+// (tightened by one multi-probe pass), and the values above the bounds compacted (a few percent
+// of the row); the top-p threshold by bisection on kept mass over those; then one inverse-CDF
+// walk in vocabulary order. Masses are summed in double so decisions match the float64
+// reference except within float rounding of a boundary.
 //
 // Rows run in parallel (OpenMP); a batch smaller than the thread count also splits each row's
 // two full passes (max and exp) over fixed chunks, combined in a fixed order, so a row's result
@@ -19,14 +21,21 @@
 #endif
 
 #include <omp.h>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "ops.h"
@@ -111,15 +120,17 @@ HOT MaxStats widen_max(const uint16_t* src, float* out, int64_t n, int dtype) {
   return max_f32(out, n);
 }
 
-// e[i] = exp((x[i] - m) * invt) as float (0 where that underflows); exp_sum also returns their sum in double. Computed in
-// double (degree-8 polynomial on |r| <= ln2/2, relative error ~2e-10) so e is correctly rounded
-// to float for any temperature; written without branches or calls so every ISA vectorises it.
-HOT void exp_into(const float* x, float* e, int64_t n, float m, double invt) {
+// e[i] = exp((x[i] - m) * invt) as float (0 where that underflows); returns their sum in double.
+// Computed in double (degree-8 polynomial on |r| <= ln2/2, relative error ~2e-10) so e is
+// correctly rounded to float for any temperature; written without branches or calls so every
+// ISA vectorises it.
+HOT double exp_into(const float* x, float* e, int64_t n, float m, double invt) {
   const double md = m, shifter = 0x1.8p52;  // adding 1.5 * 2^52 rounds to an integer in the low bits
-#pragma omp simd
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
     // <= 0; clamped where exp underflows float (x = -inf included) so the result rounds to 0
-    const double a = std::max((double(x[i]) - md) * invt, -110.0);
+    const double d = (double(x[i]) - md) * invt, a = d > -110.0 ? d : -110.0;
     const double t = a * 1.4426950408889634 + shifter;
     const double k = t - shifter;
     const double r = (a - k * 0.693145751953125) - k * 1.4286068203094173e-06;  // ln2 in two parts
@@ -133,14 +144,11 @@ HOT void exp_into(const float* x, float* e, int64_t n, float m, double invt) {
     p = p * r + 1.0;
     p = p * r + 1.0;
     const int64_t bits = (__builtin_bit_cast(int64_t, t) + 1023) << 52;  // 2^k: k sits in t's low bits
-    e[i] = float(p * __builtin_bit_cast(double, bits));
+    const float ei = float(p * __builtin_bit_cast(double, bits));
+    e[i] = ei;
+    sum += double(ei);
   }
-}
-
-REORDER_SUMS HOT double sum_f64(const float* v, int64_t n) {
-  double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) s += double(v[i]);
-  return s;
+  return sum;
 }
 
 // Fills e and returns its sum, chunk by chunk in a fixed order: the split-row path sums the same
@@ -149,8 +157,7 @@ double exp_sum(const float* x, float* e, int64_t n, float m, double invt) {
   double sum = 0.0;
   for (int64_t begin = 0; begin < n; begin += kChunk) {
     const int64_t len = std::min(kChunk, n - begin);
-    exp_into(x + begin, e + begin, len, m, invt);
-    sum += sum_f64(e + begin, len);
+    sum += exp_into(x + begin, e + begin, len, m, invt);
   }
   return sum;
 }
@@ -177,24 +184,27 @@ REORDER_SUMS HOT Tally tally(const float* x, const float* w, int64_t n, float v)
   return {mass, count};
 }
 
+// Approximate mass of {e >= t[j]} for kProbes thresholds at once, in one pass: float sums per
+// kBlock elements (relative error below 1e-5) added in double. Cheap enough to narrow a search
+// that then finishes exactly.
+constexpr int kProbes = 8;
+REORDER_SUMS HOT void masses_above(const float* e, int64_t n, const float* t, double* out) {
+  for (int j = 0; j < kProbes; ++j) out[j] = 0.0;  // no std:: calls: they would not inline here
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t end = b + kBlock < n ? b + kBlock : n;
+    float s[kProbes] = {};
+    for (int64_t i = b; i < end; ++i) {
+      const float v = e[i];
+#pragma GCC unroll 8
+      for (int j = 0; j < kProbes; ++j) s[j] += v >= t[j] ? v : 0.0f;
+    }
+    for (int j = 0; j < kProbes; ++j) out[j] += s[j];
+  }
+}
+
 // Kept mass (x >= tau) of each block of kBlock elements.
 void block_mass(const float* x, const float* e, int64_t n, float tau, double* out) {
   for (int64_t b = 0; b * kBlock < n; ++b) out[b] = tally(x + b * kBlock, e + b * kBlock, std::min(kBlock, n - b * kBlock), tau).mass;
-}
-
-// Per-thread buffers, reused across calls (no allocation once warm).
-struct Scratch {
-  std::vector<float> wide, e, cand_x;
-  std::vector<int64_t> cand_i;
-  std::vector<double> blocks;
-  std::vector<float> kbuf;
-  std::vector<std::pair<float, float>> tbuf;
-  std::vector<int64_t> tidx;
-};
-
-Scratch& scratch() {
-  thread_local Scratch s;
-  return s;
 }
 
 // Appends to `out` every i with lo <= x[i] < hi, in order. A vectorised count per 64-block
@@ -208,6 +218,95 @@ HOT void indices_in(const float* x, int64_t n, float lo, float hi, std::vector<i
     for (int64_t i = b; i < end; ++i)
       if (x[i] >= lo && x[i] < hi) out.push_back(i);
   }
+}
+
+// A growable array that, unlike std::vector, does not zero what it grows into (the compaction
+// writes a row-sized buffer of which it uses a few percent).
+template <class T>
+struct Buffer {
+  std::unique_ptr<T[]> data;
+  int64_t capacity = 0;
+  T* get(int64_t n) {
+    if (n > capacity) data.reset(new T[n]), capacity = n;
+    return data.get();
+  }
+  T* get() const { return data.get(); }
+};
+
+// The working set after a filter: the values x >= lo of a row, with their masses e (when
+// already computed) and their vocabulary ids, in vocabulary order.
+struct Compacted {
+  Buffer<float> x, e;
+  Buffer<int32_t> ids;
+  int64_t n = 0;
+};
+
+// Fills c with the x[i] >= lo of x[0..n) (and e[i] if e != nullptr); false, leaving c unusable,
+// once more than `limit` qualify. A branch per value would mispredict at the ~5-20% densities
+// top-p leaves, so AVX-512 compresses 16 values per step and other CPUs write every value and
+// advance by the predicate.
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx512f"))) bool compact_avx512(const float* x, const float* e, int64_t n, float lo,
+                                                        int64_t limit, Compacted& c) {
+  float *cx = c.x.get(n + 16), *ce = e ? c.e.get(n + 16) : nullptr;
+  int32_t* ci = c.ids.get(n + 16);
+  const __m512 vlo = _mm512_set1_ps(lo);
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t k = 0, i = 0;
+  for (; i + 16 <= n; i += 16, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16))) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __mmask16 in = _mm512_cmp_ps_mask(v, vlo, _CMP_GE_OQ);
+    _mm512_storeu_ps(cx + k, _mm512_maskz_compress_ps(in, v));
+    _mm512_storeu_si512(ci + k, _mm512_maskz_compress_epi32(in, idx));
+    if (ce) _mm512_storeu_ps(ce + k, _mm512_maskz_compress_ps(in, _mm512_loadu_ps(e + i)));
+    k += __builtin_popcount(in);
+    if (k > limit) return false;
+  }
+  for (; i < n; ++i)
+    if (x[i] >= lo) cx[k] = x[i], ci[k] = int32_t(i), ce ? ce[k] = e[i] : 0.0f, ++k;
+  c.n = k;
+  return k <= limit;
+}
+#endif
+
+bool compact_scalar(const float* x, const float* e, int64_t n, float lo, int64_t limit, Compacted& c) {
+  float *cx = c.x.get(n + 1), *ce = e ? c.e.get(n + 1) : nullptr;
+  int32_t* ci = c.ids.get(n + 1);
+  int64_t k = 0;
+  for (int64_t b = 0; b < n; b += 1024) {
+    for (int64_t i = b; i < std::min(n, b + 1024); ++i) {
+      cx[k] = x[i], ci[k] = int32_t(i);
+      if (ce) ce[k] = e[i];
+      k += x[i] >= lo;
+    }
+    if (k > limit) return false;
+  }
+  c.n = k;
+  return true;
+}
+
+bool compact(const float* x, const float* e, int64_t n, float lo, int64_t limit, Compacted& c) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  // CTRLSAFE_NO_AVX512=1 forces the portable loop (tests run it that way too)
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && !std::getenv("CTRLSAFE_NO_AVX512");
+  if (avx512) return compact_avx512(x, e, n, lo, limit, c);
+#endif
+  return compact_scalar(x, e, n, lo, limit, c);
+}
+
+// Per-thread buffers, reused across calls (no allocation once warm).
+struct Scratch {
+  std::vector<float> wide, e;
+  Compacted cand;
+  std::vector<double> blocks;
+  std::vector<float> kbuf;
+  std::vector<std::pair<float, float>> tbuf;
+  std::vector<int64_t> tidx;
+};
+
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
 }
 
 // k-th largest value of x[0..n) (1 <= k <= n), streaming: keep only values >= a running
@@ -251,27 +350,22 @@ inline float key_float(int32_t k) {
 
 // The largest value tau of x such that the weight (w, or 1 each) of {x >= tau} reaches target,
 // given a bracket: at_lo = tally at lo (mass >= target) and hi with mass(x >= hi) < target.
-// `probe`, if inside the bracket, is the first value tried. Each step is one vectorised pass
-// that moves lo or hi to a new value chosen by regula falsi on the mass (Illinois variant: an
-// end kept twice has its weight gap halved, so neither end stalls); over a huge value range it
-// bisects the float bit patterns instead. Once few values remain between lo and hi they are
-// sorted and walked exactly.
+// Each step is one vectorised pass that moves lo or hi to a new value chosen by regula falsi on
+// the mass (Illinois variant: an end kept twice has its weight gap halved, so neither end
+// stalls); over a huge value range it bisects the float bit patterns instead. Once few values
+// remain between lo and hi they are sorted and walked exactly.
 float weighted_threshold(const float* x, const float* w, int64_t n, float lo, Tally at_lo, float hi, double target,
-                         float probe, Scratch& s) {
+                         Scratch& s) {
   double w_lo = at_lo.mass, w_hi = 0.0;  // tallies at the ends
   double f_lo = w_lo - target, f_hi = -target;  // regula falsi values (halved by Illinois)
   int64_t c_lo = at_lo.count, c_hi = 0;
   int side = 0;  // +1 if lo moved last, -1 if hi did
   while (c_lo - c_hi > kSmall) {
-    float mid = probe;
-    if (!(mid > lo && mid < hi)) {
-      const double f = std::clamp(f_lo / (f_lo - f_hi), 1.0 / 256, 255.0 / 256);
-      mid = double(hi) - double(lo) > 1e4 ? key_float(int32_t((int64_t(float_key(lo)) + float_key(hi)) / 2))
-                                          : float(double(lo) + f * (double(hi) - double(lo)));
-      if (!(mid > lo && mid < hi)) mid = lo + (hi - lo) * 0.5f;
-    }
+    const double f = std::clamp(f_lo / (f_lo - f_hi), 1.0 / 256, 255.0 / 256);
+    float mid = double(hi) - double(lo) > 1e4 ? key_float(int32_t((int64_t(float_key(lo)) + float_key(hi)) / 2))
+                                              : float(double(lo) + f * (double(hi) - double(lo)));
+    if (!(mid > lo && mid < hi)) mid = lo + (hi - lo) * 0.5f;
     if (!(mid > lo && mid < hi)) break;  // lo and hi are adjacent floats: only ties remain
-    probe = lo;  // used once
     const Tally t = tally(x, w, n, mid);
     if (t.mass >= target) {
       lo = mid, w_lo = t.mass, c_lo = t.count, f_lo = t.mass - target;
@@ -365,44 +459,70 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
   // Working set: the whole row, or (top-k with small k) the k largest and their ties, compacted
   // in vocabulary order so every later pass reads ~k values instead of n.
   const float* wx = x;
-  const int64_t* wi = nullptr;
+  const int32_t* wi = nullptr;  // vocabulary ids of a compacted working set
   int64_t wn = n;
   float tau = -kInf;  // the kept set is {x >= tau}
   const bool k_on = p.top_k > 0 && p.top_k < n;
   if (k_on && !e_ready && p.top_k * 16 <= n) {
     tau = kth_largest(x, n, p.top_k, s.kbuf);
-    s.cand_i.clear();
-    indices_in(x, n, tau, kInf, s.cand_i);
-    s.cand_x.clear();
-    for (int64_t i : s.cand_i) s.cand_x.push_back(x[i]);
-    wx = s.cand_x.data(), wi = s.cand_i.data(), wn = int64_t(s.cand_x.size());
+    compact(x, nullptr, n, tau, n, s.cand);
+    wx = s.cand.x.get(), wi = s.cand.ids.get(), wn = s.cand.n;
     e_ready = false;
   } else if (k_on) {
     const Tally finite = tally(x, nullptr, n, st.min);
     if (finite.count >= p.top_k)  // else fewer finite logits than k: top-k keeps them all
-      tau = weighted_threshold(x, nullptr, n, st.min, finite, above_max, double(p.top_k), NAN, s);
+      tau = weighted_threshold(x, nullptr, n, st.min, finite, above_max, double(p.top_k), s);
   }
   if (!e_ready) {
     s.e.resize(wn);
-    exp_sum(wx, s.e.data(), wn, m, invt);
+    z_all = exp_sum(wx, s.e.data(), wn, m, invt);
   }
   const float* e = s.e.data();
 
-  if (p.top_p < 1.0f) {
-    const float lo = std::max(tau, st.min);
-    const Tally kept = tally(wx, e, wn, lo);
-    // Values with e < (1 - top_p) * mass / count cannot all be needed to reach top_p, so the
-    // threshold is usually near that bound: a good first probe.
-    const double theta = (1.0 - double(p.top_p)) * kept.mass / double(kept.count);
-    const float probe = float(double(m) + double(p.temperature) * std::log(theta));
-    tau = std::max(tau, weighted_threshold(wx, e, wn, lo, kept, above_max, double(p.top_p) * kept.mass, probe, s));
-  }
+  // Lower bounds on the final threshold, from each filter that is on.
+  float floor = tau;
   if (p.min_p > 0.0f) {
     // p >= min_p * max(p)  <=>  (x - m) / T >= log(min_p): the smallest float meeting it.
     const double bound = double(m) + double(p.temperature) * std::log(double(p.min_p));
     float tm = float(bound);
     if (double(tm) < bound) tm = std::nextafter(tm, kInf);
-    tau = std::max(tau, tm);
+    floor = std::max(floor, tm);
+  }
+  double top_p_target = 0.0;
+  if (p.top_p < 1.0f) {
+    // The top-k survivors' mass (z_all when nothing was cut, or the working set is the survivors).
+    const Tally kept = tau == -kInf || wi ? Tally{z_all, wn} : tally(wx, e, wn, std::max(tau, st.min));
+    top_p_target = double(p.top_p) * kept.mass;
+    // The values with e < (1 - top_p) * mass / count weigh less than (1 - top_p) * mass together,
+    // so the values above reach top_p already: the cut is at or above that bound (taken a little
+    // lower in x, so float rounding can only widen the set).
+    double theta = (1.0 - double(p.top_p)) * kept.mass / double(kept.count);
+    // On the whole row, one more pass raises that bound to the largest of a few values spaced
+    // evenly in log e above it that still keep top_p of the mass (with a margin for float sums).
+    if (!wi && tau == -kInf) {
+      float t[kProbes];
+      double above[kProbes];
+      for (int j = 0; j < kProbes; ++j) t[j] = float(std::pow(theta, 1.0 - double(j + 1) / (kProbes + 1)));
+      masses_above(e, wn, t, above);
+      for (int j = 0; j < kProbes; ++j)
+        if (above[j] >= top_p_target * (1 + 1e-4)) theta = t[j];
+    }
+    floor = std::max(floor, float(double(m) + double(p.temperature) * (std::log(theta) - 1e-3)));
+  }
+  // Nothing below the floor is ever drawn: when few values reach it (typically a few hundred of
+  // a 128k vocabulary), compact them in vocabulary order so the threshold search and the inverse
+  // CDF read those instead of the row.
+  if (!wi && floor > -kInf) {
+    if (compact(wx, e, wn, floor, wn / 8, s.cand))
+      wx = s.cand.x.get(), e = s.cand.e.get(), wi = s.cand.ids.get(), wn = s.cand.n;
+  }
+  tau = floor;
+  if (p.top_p < 1.0f) {
+    const float lo = std::max(floor, st.min);
+    const Tally at_lo = tally(wx, e, wn, lo);
+    // Less than the target above lo means a top-k or min-p floor already cuts deeper than top-p.
+    if (at_lo.mass >= top_p_target)
+      tau = std::max(tau, weighted_threshold(wx, e, wn, lo, at_lo, above_max, top_p_target, s));
   }
   auto [pos, prob] = inverse_cdf(wx, e, wn, tau, double(p.uniform), s.blocks);
   return {wi ? wi[pos] : pos, float(std::log(prob)), true};
@@ -507,6 +627,8 @@ void sample_rows(uintptr_t logits, int dtype, int64_t B, int64_t V, int64_t row_
                 param<float>(min_p, min_p_value), param<float>(uniforms, uniform_value),
                 {reinterpret_cast<const int64_t*>(top_k), top_k_value}, reinterpret_cast<int64_t*>(tokens),
                 reinterpret_cast<float*>(logprobs), reinterpret_cast<bool*>(valid)};
+  if (V > std::numeric_limits<int32_t>::max())
+    throw std::invalid_argument("sample_rows: vocabulary size " + std::to_string(V) + " exceeds 2^31 - 1");
   pybind11::gil_scoped_release release;
   const int threads = omp_get_max_threads();
   if (B < threads && V >= 4 * kChunk)

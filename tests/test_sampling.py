@@ -1,6 +1,8 @@
 """The sampler (ctrlsafe.sampling / ctrlsafe.ops.sampling): the C++ kernel against the float64
 reference, the API's validation and randomness. Triton: tests/test_sampling_triton.py."""
+import json
 import math
+import os
 import subprocess
 import sys
 
@@ -84,6 +86,21 @@ def test_cpu_large_vocabulary_paths():
         for B in (1, 3):
             row = lambda v, dt=torch.float32: torch.full((B,), v, dtype=dt)  # noqa: E731
             assert_matches_reference(cpu, logits[:B], row(T), row(k, torch.int64), row(p), row(m), torch.rand(B, generator=g))
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0])
+@pytest.mark.parametrize("T, k, p, m", [(1.0, 0, 0.9, 0.0), (1.0, 0, 0.5, 0.4), (1.0, 0, 0.99, 1e-3), (1.0, 3000, 0.9, 0.0),
+                                        (1.0, 3000, 0.999, 0.0), (2.0, 0, 1.0, 0.2), (0.5, 4000, 1.0, 0.0)])
+def test_cpu_floor_compaction(scale, T, k, p, m):
+    """The kernel keeps only values above a lower bound on the cut (top-p's mass bound, min-p,
+    top-k) and compacts them when few: the answer is the reference's whichever floor is deepest
+    (min-p above top-p's cut, top-k's, top-p's) and whether compaction happens (peaked logits,
+    scale 3) or not (flat logits, scale 0.3)."""
+    g = torch.Generator().manual_seed(int(scale * 10) + k)
+    B, V = 64, 4097
+    logits = torch.randn(B, V, generator=g) * scale
+    row = lambda v, dt=torch.float32: torch.full((B,), v, dtype=dt)  # noqa: E731
+    assert_matches_reference(cpu, logits, row(T), row(k, torch.int64), row(p), row(m), torch.rand(B, generator=g))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -278,3 +295,23 @@ def test_import_does_not_pull_transformers():
     """`import ctrlsafe.sampling` stays light: transformers is never imported."""
     code = "import sys, ctrlsafe.sampling; sys.exit(1 if 'transformers' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_portable_compaction_matches_avx512():
+    """CPUs without AVX-512 compact with a scalar loop (CTRLSAFE_NO_AVX512=1 forces it here): the
+    compaction-dependent cases give the same tokens and logprobs both ways."""
+    code = """
+import json, torch
+from ctrlsafe.ops.sampling import cpu
+g = torch.Generator().manual_seed(5)
+B = 16
+x = torch.randn(B, 4097, generator=g) * 3
+row = lambda v, dt=torch.float32: torch.full((B,), v, dtype=dt)
+outs = [cpu(x, row(1.0), row(k, torch.int64), row(p), row(m), torch.rand(B, generator=g))
+        for k, p, m in [(0, 0.9, 0.0), (50, 1.0, 0.0), (0, 1.0, 0.1), (3000, 0.95, 0.0)]]
+print(json.dumps([(t.tolist(), lp.tolist()) for t, lp, _ in outs]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "CTRLSAFE_NO_AVX512"}
+    runs = [subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=e).stdout
+            for e in (env, {**env, "CTRLSAFE_NO_AVX512": "1"})]
+    assert json.loads(runs[0]) == json.loads(runs[1])
