@@ -339,8 +339,7 @@ class Engine:
         first_slot = torch.zeros(len(units), dtype=torch.int64, device=dev)
         first_slot.scatter_reduce_(0, row_unit, torch.arange(len(row_unit), device=dev), "amin", include_self=False)
         prompt_local = cache.row_prefix[first_slot]
-        prompt_last = cache.prefix_len[prompt_local] - 1
-        hidden = cache.prefix_hidden[prompt_local, prompt_last]  # [U,H] for units without a suffix
+        hidden = cache.prefix_hidden[prompt_local]  # [U,H] for units without a suffix
         lens = [len(req.suffixes[c]) for _, c in units]
         with_suffix = [u for u, n in enumerate(lens) if n]
         if with_suffix:
@@ -352,8 +351,8 @@ class Engine:
             slots = first_slot[idx]
             cache.slots = slots
             positions = cache.suffix_positions(slots, torch.arange(Lc, device=dev).expand(len(slots), Lc))
-            h = model.hidden_states(ids, positions, cache)
-            hidden[idx] = h[torch.arange(len(slots), device=dev), torch.tensor([lens[u] - 1 for u in with_suffix], device=dev)]
+            last = torch.tensor([lens[u] - 1 for u in with_suffix], device=dev)
+            hidden[idx] = model.hidden_states(ids, positions, cache, keep=last)[:, 0]
             src = first_slot[row_unit]
             for store in (cache.k, cache.v):
                 for layer in store:

@@ -66,9 +66,9 @@ class PrefixCache:
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.as_tensor(p, device=device)
         kv = KVCache(model.args, len(prompts), Lp, dtype=dtype, device=device)
-        hidden = model.hidden_states(ids, None, kv)
+        hidden = model.hidden_states(ids, None, kv, keep=lens - 1)
         cache = cls(model.args, kv.k, kv.v, lens, row_prefix.to(device), suffix_capacity)
-        cache.prefix_hidden = hidden  # [P,Lp,H]; the last real position gives each prompt's next-token logits
+        cache.prefix_hidden = hidden[:, 0]  # [P,H] at each prompt's last real token: its next-token logits
         return cache
 
     # -- slots --------------------------------------------------------------------------------

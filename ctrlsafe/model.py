@@ -142,7 +142,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=args.o_bias)
 
-    def forward(self, x, cos, sin, positions, cache):
+    def forward(self, x, cos, sin, positions, cache, keep=None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -152,7 +152,9 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             out = cache.attend(self.layer, q, k, v, positions)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        if keep is not None:  # [B] one position per row: the rest of the layer runs on those alone
+            out = out[torch.arange(b, device=x.device), :, keep][:, :, None]
+        return self.o_proj(out.transpose(1, 2).reshape(b, out.shape[2], -1))
 
 
 class MLP(nn.Module):
@@ -175,8 +177,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, positions, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+    def forward(self, x, cos, sin, positions, cache, keep=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, keep)
+        x = (x if keep is None else x[torch.arange(x.shape[0], device=x.device), keep][:, None]) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -195,8 +198,13 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
 
     # -- forward ------------------------------------------------------------------------------
-    def hidden_states(self, input_ids, positions=None, cache=None, *, norm: bool = True):
-        """Final hidden states [B,T,H] (after the final RMSNorm unless norm=False)."""
+    def hidden_states(self, input_ids, positions=None, cache=None, *, norm: bool = True, keep=None):
+        """Final hidden states [B,T,H] (after the final RMSNorm unless norm=False).
+
+        keep: [B] positions (indices into T) when only one hidden state per row is wanted (a
+        score at the last token, the next-token logits of a prompt): the last layer then runs
+        its output projection and MLP for those alone, and the result is [B,1,H].
+        """
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
@@ -207,11 +215,13 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B,1,T,D]
         x = self.embed_tokens(input_ids)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            layer_keep = keep if i == last else None
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, None, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, None, layer_keep, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, positions, cache)
+                x = layer(x, cos, sin, positions, cache, layer_keep)
         return self.norm(x) if norm else x
 
     def forward(self, input_ids, positions=None, cache=None):

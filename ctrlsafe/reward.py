@@ -47,6 +47,10 @@ from .ops.reward_head import bucketize, score_heads
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _PROBE = "CTRLSAFE_PROBE_REPLY"
+# Tokens per scoring forward. On a CPU, 2048 keeps a small reward model's activations (MLP
+# intermediates included) in the last-level cache: 14% faster than 4096 in bench_reward here.
+# GPUs want larger batches: pass batch_tokens.
+BATCH_TOKENS = 2048
 
 
 class RewardModel:
@@ -102,7 +106,7 @@ class RewardModel:
         return self.mean, self.std
 
     # -- scoring ------------------------------------------------------------------------------
-    def score(self, prompts: list, responses: list[str], *, batch_tokens: int = 4096) -> torch.Tensor:
+    def score(self, prompts: list, responses: list[str], *, batch_tokens: int = BATCH_TOKENS) -> torch.Tensor:
         """Scores [N,K] fp32 of (prompt, response) pairs; prompts are strings or chat message lists."""
         if self.tokenizer is None:
             raise ValueError(f"{getattr(self.model, 'source_path', 'this reward model')} has no tokenizer files; use score_ids")
@@ -122,7 +126,7 @@ class RewardModel:
         return self.score_ids(prompt_ids, [list(r) + self.close_ids for r in encoded], batch_tokens=batch_tokens)
 
     @torch.no_grad()
-    def score_ids(self, prompt_ids: list[list[int]], response_ids: list[list[int]], *, batch_tokens: int = 4096) -> torch.Tensor:
+    def score_ids(self, prompt_ids: list[list[int]], response_ids: list[list[int]], *, batch_tokens: int = BATCH_TOKENS) -> torch.Tensor:
         """Scores [N,K] fp32 of the token sequences prompt_ids[i] + response_ids[i], as given."""
         if len(prompt_ids) != len(response_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
@@ -170,8 +174,9 @@ class RewardModel:
             ids = torch.tensor([s + [0] * (Ls - len(s)) for s in suffixes], device=device)  # right pads are never read
             lengths = torch.tensor([len(s) for s in suffixes], device=device)
             block = SuffixBlock(prefix, torch.tensor([j for _, j in batch], device=device), Ls)
-            hidden = model.hidden_states(ids, block.positions, block, norm=False)
-            scores, _ = score_heads(hidden, lengths - 1, model.norm.weight, self.head, None, self.mean, self.std, None,
+            # the last layer finishes only each row's scored token
+            hidden = model.hidden_states(ids, block.positions, block, norm=False, keep=lengths - 1)
+            scores, _ = score_heads(hidden, torch.zeros_like(lengths), model.norm.weight, self.head, None, self.mean, self.std, None,
                                     eps=model.norm.eps)
             out[torch.tensor([i for i, _ in batch], device=device)] = scores
 

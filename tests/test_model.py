@@ -73,6 +73,23 @@ def test_kv_cache_decoding_matches_full_forward(tmp_path):
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2"])
+def test_keep_computes_one_position_per_row(name, tmp_path):
+    """hidden_states(keep=idx) (the last layer run only where it is read) gives the full pass's
+    hidden state at idx for every row, including positions 0 and T-1, with and without a cache."""
+    hf_model(name, tmp_path)
+    model = Transformer.from_pretrained(tmp_path / name)
+    ids = torch.randint(0, model.args.vocab_size, (4, 13))
+    keep = torch.tensor([0, 12, 5, 12])
+    with torch.no_grad():
+        full = model.hidden_states(ids)
+        kept = model.hidden_states(ids, keep=keep)
+        cached = model.hidden_states(ids, torch.arange(13).expand(4, 13), KVCache(model.args, 4, 16), keep=keep)
+    assert kept.shape == (4, 1, model.args.hidden_size)
+    torch.testing.assert_close(kept[:, 0], full[torch.arange(4), keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached[:, 0], full[torch.arange(4), keep], rtol=1e-5, atol=1e-5)
+
+
 def greedy(model, ids, n, dtype=torch.float32):
     cache = KVCache(model.args, 1, len(ids) + n, dtype=dtype)
     x = torch.tensor([ids])
