@@ -183,10 +183,34 @@ def sha256_file(path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(path: Path) -> str:
+    """sha256 of a weight file, remembered in the user cache per (path, size, mtime, inode): a 7B
+    checkpoint takes ~20 s to hash, and every run of a pipeline names the same models."""
+    from ctrlsafe.presets import cache_dir
+
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    store = cache_dir() / "sha256.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = sha256_file(path)
+        try:  # a read-only or shared home only costs the next run a re-hash
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=0, sort_keys=True))
+            os.replace(tmp, store)
+        except OSError:
+            pass
+    return known[key]
+
+
 def weights_identity(path) -> dict:
     """{"path", "sha256": {file: hex}} over a model directory's weight files (or one file)."""
     path = Path(path)
     if path.is_file():
-        return {"path": str(path.resolve()), "sha256": {path.name: sha256_file(path)}}
+        return {"path": str(path.resolve()), "sha256": {path.name: weights_sha256(path)}}
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
-    return {"path": str(path.resolve()), "sha256": {p.name: sha256_file(p) for p in files}}
+    return {"path": str(path.resolve()), "sha256": {p.name: weights_sha256(p) for p in files}}

@@ -1,5 +1,7 @@
 """Data set writer: atomic deterministic shards, progress from shard files, out-dir checks, reading back."""
+import hashlib
 import json
+import os
 
 import pyarrow.dataset as pads
 import pytest
@@ -83,11 +85,20 @@ def test_read_back_with_pyarrow_dataset(tmp_path):
         dataset.read_dataset(tmp_path / "empty")
 
 
-def test_weights_identity_hashes_weight_files(tmp_path):
-    """Identity lists the sha256 of every weight file and changes when a weight file changes."""
-    (tmp_path / "model.safetensors").write_bytes(b"abc")
-    (tmp_path / "config.json").write_text("{}")
-    ident = dataset.weights_identity(tmp_path)
+def test_weights_identity_hashes_weight_files(tmp_path, monkeypatch):
+    """Identity lists the sha256 of every weight file; a second run takes it from the cache
+    without reading the file; a rewritten file (new mtime) is hashed again."""
+    monkeypatch.setenv("CTRLSAFE_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"abc")
+    (model / "config.json").write_text("{}")
+    ident = dataset.weights_identity(model)
     assert ident["sha256"] == {"model.safetensors": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
-    (tmp_path / "model.safetensors").write_bytes(b"abd")
-    assert dataset.weights_identity(tmp_path) != ident
+    with monkeypatch.context() as m:
+        m.setattr(dataset, "sha256_file", lambda path: pytest.fail("hashed again despite the cache"))
+        assert dataset.weights_identity(model) == ident
+    (model / "model.safetensors").write_bytes(b"abd")
+    st = (model / "model.safetensors").stat()
+    os.utime(model / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a later write
+    assert dataset.weights_identity(model)["sha256"]["model.safetensors"] == hashlib.sha256(b"abd").hexdigest()
