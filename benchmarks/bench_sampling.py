@@ -100,9 +100,34 @@ def case_rows(case: str, B: int, V: int, reps: int, device: str) -> list[Row]:
     return rows
 
 
+def overhead_rows(reps: int) -> list[Row]:
+    """What the Python API adds to one B=1, V=32000 call of (a): sample() against the C++ kernel
+    called directly with its outputs allocated beforehand (issue 3: under 20 microseconds)."""
+    from ctrlsafe import _C
+
+    T, k, p = (CASES["a"][n] for n in ("temperature", "top_k", "top_p"))
+    logits = torch.randn(1, 32000, generator=torch.Generator().manual_seed(0)) * 3
+    out = torch.empty(1, dtype=torch.int64), torch.empty(1), torch.empty(1, dtype=torch.bool)
+    ptrs = [t.data_ptr() for t in out]
+    fns = {
+        "sample()": lambda: sample(logits, temperature=T, top_k=k, top_p=p, seed=0, step=1),
+        "kernel alone": lambda: _C.sample_rows(logits.data_ptr(), 0, 1, 32000, 32000, 0, T, 0, k, 0, p, 0, 0.0, 0, 0.5, *ptrs),
+    }
+    # one call is ~40 us: many interleaved repetitions, each the mean of 100 calls
+    many = {name: (lambda f=f: [f() for _ in range(100)]) for name, f in fns.items()}
+    rows = compare("sampling call", "B1 V32000 (a)", "fp32", many, reference="kernel alone", work_items=100, unit="calls/s",
+                   reps=reps)
+    api, kernel = rows
+    overhead_us = (api.median_ms - kernel.median_ms) * 10  # ms per 100 calls -> us per call
+    api.extra["overhead_us"] = overhead_us
+    print(f"call overhead at B1 V32000: sample() {api.median_ms * 10:.1f} us - kernel {kernel.median_ms * 10:.1f} us "
+          f"= {overhead_us:.1f} us per call (target < 20 us)")
+    return rows
+
+
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
     shapes, reps = (QUICK_SHAPES, 3) if quick else (FULL_SHAPES, 5)
-    rows = []
+    rows = overhead_rows(reps * 4) if device == "cpu" else []
     for B, V in shapes:
         for case in CASES:
             rows += case_rows(case, B, V, reps, device)

@@ -637,10 +637,41 @@ void sample_rows(uintptr_t logits, int dtype, int64_t B, int64_t V, int64_t row_
     run_rows(b, int(std::min<int64_t>(threads, B)));
 }
 
+// The counter-based RNG of ctrlsafe.sampling.counter_uniforms (its docstring is the spec; its
+// torch form serves other devices): murmur3's fmix32 chained over the 32-bit words of seed and
+// step, top 24 bits / 2^24.
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+float counter_uniform(int64_t seed, int64_t step) {
+  const uint64_t s = uint64_t(seed), t = uint64_t(step);
+  uint32_t h = 0x9E3779B9u;
+  for (uint32_t word : {uint32_t(s), uint32_t(s >> 32), uint32_t(t), uint32_t(t >> 32)}) h = fmix32(h ^ word);
+  return float(h >> 8) * (1.0f / (1 << 24));
+}
+
+void counter_uniforms(uintptr_t seed, int64_t seed_value, uintptr_t step, int64_t step_value, int64_t B,
+                      uintptr_t out) {
+  const Param<int64_t> seeds{reinterpret_cast<const int64_t*>(seed), seed_value};
+  const Param<int64_t> steps{reinterpret_cast<const int64_t*>(step), step_value};
+  float* u = reinterpret_cast<float*>(out);
+  for (int64_t r = 0; r < B; ++r) u[r] = counter_uniform(seeds[r], steps[r]);
+}
+
 }  // namespace
 
 void register_sampling(pybind11::module_& m) {
   using pybind11::arg;
+  m.def("counter_uniform", &counter_uniform, "The uniform in [0,1) of (seed, step).", arg("seed"), arg("step"));
+  m.def("counter_uniforms", &counter_uniforms,
+        "Uniforms of B rows into float32 out; seed and step are int64 data pointers, or 0 with one value for "
+        "every row next to it.",
+        arg("seed"), arg("seed_value"), arg("step"), arg("step_value"), arg("B"), arg("out"));
   m.def("sample_rows", &sample_rows,
         "Fused sampler over logits [B,V] (row-contiguous, by data pointer; dtype 0=f32 1=f16 2=bf16; row "
         "stride in elements). Each parameter is a data pointer to B values (float32; int64 for top_k) or 0 "

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import _C
 from .ops.sampling import sample_rows
 
 _M32 = 0xFFFFFFFF
@@ -66,19 +67,31 @@ def sample(
 
 def counter_uniforms(seed, step):
     """One uniform in [0,1) per row from (seed, step): murmur3's fmix32 chained over the 32-bit
-    words (seed_lo, seed_hi, step_lo, step_hi), top 24 bits of the result / 2^24.
+    words (seed_lo, seed_hi, step_lo, step_hi) of their 64-bit two's complement, top 24 bits of
+    the result / 2^24.
 
-    Pure function of its inputs on any device; written with 16-bit limb multiplies so no int64
-    product overflows. Takes [B] int tensors (returns fp32 [B]) or Python ints (returns a float,
-    the same value).
+    Pure function of its inputs on any device (C++ on the CPU, torch ops elsewhere). Takes [B]
+    int tensors (returns fp32 [B]) or Python ints (returns a float, the same value).
     """
     if not isinstance(seed, torch.Tensor) and not isinstance(step, torch.Tensor):
-        h = 0x9E3779B9
-        for word in (seed & _M32, (seed >> 32) & _M32, step & _M32, (step >> 32) & _M32):
-            h = _fmix32(h ^ word)
-        return (h >> 8) * (1.0 / (1 << 24))
-    seed, step = torch.as_tensor(seed).to(torch.int64), torch.as_tensor(step).to(torch.int64)
-    seed, step = torch.broadcast_tensors(seed, step)
+        return _C.counter_uniform(_int64(seed), _int64(step))
+    seed, step = torch.broadcast_tensors(torch.as_tensor(seed).to(torch.int64), torch.as_tensor(step).to(torch.int64))
+    if seed.device.type != "cpu":
+        return _counter_uniforms_torch(seed, step)
+    seed, step = seed.contiguous(), step.contiguous()
+    out = torch.empty(seed.shape, dtype=torch.float32)
+    _C.counter_uniforms(seed.data_ptr(), 0, step.data_ptr(), 0, seed.numel(), out.data_ptr())
+    return out
+
+
+def _int64(v: int) -> int:
+    """v's low 64 bits as a signed integer (the words the hash reads)."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _counter_uniforms_torch(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """counter_uniforms in torch ops, with 16-bit limb multiplies so no int64 product overflows."""
     h = torch.full_like(seed, 0x9E3779B9)
     for word in (seed & _M32, (seed >> 32) & _M32, step & _M32, (step >> 32) & _M32):
         h = _fmix32(h ^ word)
@@ -117,9 +130,12 @@ def _param(name, value, B, dtype, device, ok, allowed):
                 row = int((~good).nonzero()[0, 0])
                 raise ValueError(f"{name}[{row}] = {value[row].item()} is invalid; allowed: {allowed}")
             return value.contiguous()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number or a [{B}] tensor, got {type(value).__name__}")
-    if not dtype.is_floating_point and not isinstance(value, numbers.Integral):
+    kind = type(value)
+    if kind is not float and kind is not int:  # plain numbers skip the slower ABC checks
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a number or a [{B}] tensor, got {type(value).__name__}")
+        kind = int if isinstance(value, numbers.Integral) else float
+    if not dtype.is_floating_point and kind is not int:
         raise ValueError(f"{name} must be an integer, got {value!r}")
     value = float(value) if dtype.is_floating_point else int(value)
     if not ok(value):

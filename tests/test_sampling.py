@@ -134,12 +134,36 @@ def test_scalar_parameters_equal_per_row_tensors():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def _fmix32(h):
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def _uniform_oracle(seed, step):
+    """The documented stream, in plain Python: fmix32 chained over the 32-bit words."""
+    h = 0x9E3779B9
+    for v in (seed, step):
+        v &= (1 << 64) - 1
+        for word in (v & 0xFFFFFFFF, v >> 32):
+            h = _fmix32(h ^ word)
+    return (h >> 8) / (1 << 24)
+
+
 def test_counter_uniforms_ints_equal_tensors():
-    """The RNG gives the same bits for Python ints and for int64 tensors (negative, 64-bit seeds)."""
+    """The RNG gives the documented stream's bits for Python ints, CPU int64 tensors (C++) and
+    the torch form other devices use (negative and full 64-bit seeds and steps)."""
+    from ctrlsafe.sampling import _counter_uniforms_torch
+
     seeds = [0, 1, -1, 2**62 + 12345, -(2**63), 2**63 - 1, 987654321]
     steps = [0, 7, 2**40 + 3, 1, 5, 2**63 - 1, -2]
+    expected = [_uniform_oracle(s, k) for s, k in zip(seeds, steps)]
     t = counter_uniforms(torch.tensor(seeds), torch.tensor(steps))
-    assert [counter_uniforms(s, k) for s, k in zip(seeds, steps)] == t.tolist()
+    assert [counter_uniforms(s, k) for s, k in zip(seeds, steps)] == t.tolist() == expected
+    assert _counter_uniforms_torch(torch.tensor(seeds), torch.tensor(steps)).tolist() == expected
+    assert counter_uniforms(torch.tensor(seeds), 7).tolist() == [_uniform_oracle(s, 7) for s in seeds]  # broadcast
     assert ((t >= 0) & (t < 1)).all() and len(set(t.tolist())) == len(seeds)
 
 

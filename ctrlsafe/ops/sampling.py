@@ -15,6 +15,7 @@ ties) with its untempered, unfiltered log-softmax as logprob. Rows holding NaN o
 """
 import torch
 
+from .. import _C
 from .dispatch import backend_for
 
 
@@ -90,8 +91,6 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 def cpu(logits, temperature, top_k, top_p, min_p, uniforms):
     """The C++ kernel (csrc/sampling.cpp): reads the logits in place, no sort of the vocabulary."""
-    from ctrlsafe import _C
-
     if logits.device.type != "cpu":  # forced with CTRLSAFE_BACKEND=cpu on a GPU tensor
         out = cpu(logits.cpu(), temperature, top_k, top_p, min_p, uniforms)
         return tuple(t.to(logits.device) for t in out)
