@@ -208,7 +208,12 @@ def make_pairs(table: pa.Table, attribute: str, attributes, *, others: str = "eq
     """prompt/chosen/rejected rows from kept samples of the same prompt whose `attribute` levels
     differ (chosen = the higher level). With others="equal" the other attributes must match, so the
     pair isolates the one attribute. Pairs are picked greedily by level gap (largest first, then
-    record ids), each sample used at most once; `max_per_prompt` > 0 caps them per prompt."""
+    record ids), each sample used at most once; `max_per_prompt` > 0 caps them per prompt.
+
+    `control` is the chosen sample's measured levels: `ctrlsafe train --objective dpo` puts those
+    control tokens after the prompt, so the pair teaches "asked for these levels, prefer the
+    response that has them". Only that direction: a pair never teaches a low level's control to
+    prefer the less safe response (the trigger risk the harmless floor also guards against)."""
     if attribute not in attributes:
         raise ValueError(f"--pairs {attribute!r}: not an attribute of this data set; allowed: {list(attributes)}")
     rest = [a for a in attributes if a != attribute]
@@ -235,7 +240,7 @@ def make_pairs(table: pa.Table, attribute: str, attributes, *, others: str = "eq
                 "prompt": a["prompt"], "chosen": a["response"], "rejected": b["response"],
                 "prompt_id": a["prompt_id"], "messages": a["messages"], "attribute": attribute,
                 "chosen_id": a["id"], "rejected_id": b["id"],
-                "chosen_control": a["control"], "rejected_control": b["control"],
+                "control": a["control"], "chosen_control": a["control"], "rejected_control": b["control"],
             })
             n += 1
             if n == max_per_prompt:

@@ -121,7 +121,7 @@ def test_pairs_isolate_one_attribute():
     t = pa.Table.from_pylist(rows)
     pairs = make_pairs(t, "helpful", ATTRS)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("resp 0", "resp 1")]  # gap 4 first; resp 2 left alone
-    assert pairs[0]["chosen_control"] == {"helpful": 4, "harmless": 2}
+    assert pairs[0]["chosen_control"] == pairs[0]["control"] == {"helpful": 4, "harmless": 2}  # DPO conditions on it
     anyp = make_pairs(t, "helpful", ATTRS, others="any")
     assert [(p["chosen_id"], p["rejected_id"]) for p in anyp] == [("a/0/0", "a/1/0"), ("a/3/0", "a/4/0")]
     assert len(make_pairs(t, "helpful", ATTRS, others="any", max_per_prompt=1)) == 1
@@ -157,7 +157,7 @@ def test_distill_command_refilter_pairs_and_mix(tmp_path, capsys):
     assert main(["distill", str(src), "--out", str(tmp_path / "pairs"), "--pairs", "helpful"]) == 0
     pairs = dataset.read_dataset(tmp_path / "pairs").to_pylist()
     assert len(pairs) == 4 and all(p["chosen_control"]["helpful"] == 4 and p["rejected_control"]["helpful"] == 0 for p in pairs)
-    assert {"prompt", "chosen", "rejected"} <= set(pairs[0])
+    assert {"prompt", "chosen", "rejected", "control"} <= set(pairs[0])
 
     cats = tmp_path / "cats.jsonl"
     cats.write_text("".join(json.dumps({"id": f"p{p}", "category": "ehd" if p < 2 else "ihd"}) + "\n" for p in range(4)))
