@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ctrlsafe.benchmark import Row, SkipSuite, compare, main, peak_memory_mb
+from ctrlsafe.benchmark import Row, compare, main, peak_memory_mb, require_cpu
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,7 @@ def peak_rss_mb(providers, quick: bool, path: Path) -> dict[str, float]:
 
 
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
-    if device != "cpu":
-        raise SkipSuite("bench_generate compares against transformers on the CPU only (its CUDA path is timed by the kernel suites)")
+    require_cpu("bench_generate", device)
     work = QUICK if quick else FULL
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model"

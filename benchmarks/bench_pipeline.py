@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctrlsafe.benchmark import Row, SkipSuite, compare, main
+from ctrlsafe.benchmark import Row, compare, main, require_cpu
 
 TARGET = 3.0  # issue 6: ctrlsafe samples/s >= 3x the transformers pipeline
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "models" / "gpt2-tokenizer"
@@ -159,8 +159,7 @@ def transformers_fn(work: Work, paths: dict, prompts: Path, root: Path):
 
 
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
-    if device != "cpu":
-        raise SkipSuite("bench_pipeline compares against transformers on the CPU only (its CUDA path is timed by the kernel suites)")
+    require_cpu("bench_pipeline", device)
     work = QUICK if quick else FULL
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -85,6 +85,12 @@ class SkipSuite(Exception):
     --device cuda): `ctrlsafe bench` reports the suite as skipped, not failed."""
 
 
+def require_cpu(suite: str, device: str) -> None:
+    """For suites that compare against transformers end to end: those run on the CPU only."""
+    if device != "cpu":
+        raise SkipSuite(f"{suite} compares against transformers on the CPU only (its CUDA path is timed by the kernel suites)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Timing backends
 
