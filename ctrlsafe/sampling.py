@@ -73,14 +73,22 @@ def counter_uniforms(seed, step):
     Pure function of its inputs on any device (C++ on the CPU, torch ops elsewhere). Takes [B]
     int tensors (returns fp32 [B]) or Python ints (returns a float, the same value).
     """
-    if not isinstance(seed, torch.Tensor) and not isinstance(step, torch.Tensor):
+    tensors = [v for v in (seed, step) if isinstance(v, torch.Tensor)]
+    if not tensors:
         return _C.counter_uniform(_int64(seed), _int64(step))
-    seed, step = torch.broadcast_tensors(torch.as_tensor(seed).to(torch.int64), torch.as_tensor(step).to(torch.int64))
-    if seed.device.type != "cpu":
+    if any(t.device.type != "cpu" for t in tensors):
+        seed, step = torch.broadcast_tensors(torch.as_tensor(seed).to(torch.int64), torch.as_tensor(step).to(torch.int64))
         return _counter_uniforms_torch(seed, step)
-    seed, step = seed.contiguous(), step.contiguous()
-    out = torch.empty(seed.shape, dtype=torch.float32)
-    _C.counter_uniforms(seed.data_ptr(), 0, step.data_ptr(), 0, seed.numel(), out.data_ptr())
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    args, keep = [], []  # a Python int stays one value for every row (the usual step)
+    for v in (seed, step):
+        if isinstance(v, torch.Tensor):
+            keep.append(v.to(torch.int64).expand(shape).contiguous())
+            args += (keep[-1].data_ptr(), 0)
+        else:
+            args += (0, _int64(v))
+    out = torch.empty(shape, dtype=torch.float32)
+    _C.counter_uniforms(*args, out.numel(), out.data_ptr())
     return out
 
 

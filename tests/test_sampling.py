@@ -164,6 +164,7 @@ def test_counter_uniforms_ints_equal_tensors():
     assert [counter_uniforms(s, k) for s, k in zip(seeds, steps)] == t.tolist() == expected
     assert _counter_uniforms_torch(torch.tensor(seeds), torch.tensor(steps)).tolist() == expected
     assert counter_uniforms(torch.tensor(seeds), 7).tolist() == [_uniform_oracle(s, 7) for s in seeds]  # broadcast
+    assert counter_uniforms(-3, torch.tensor(steps)).tolist() == [_uniform_oracle(-3, k) for k in steps]
     assert ((t >= 0) & (t < 1)).all() and len(set(t.tolist())) == len(seeds)
 
 
