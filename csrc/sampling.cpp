@@ -3,12 +3,14 @@
 //
 // All three filters keep the logits at or above a value threshold (x / T is monotone in x), so
 // a row is: one read for max / NaN / +inf; the top-k threshold (streaming selection when k is
-// small, else bisection on counts); e = exp((x - max) / T) once into a per-thread buffer, with
-// its sum; min-p as x >= max + T log(min_p); a lower bound on the top-p threshold from that sum
+// small, else bisection on counts); the masses e = exp((x - max) / T) (float, ~2 ulp) and their
+// sum; min-p as x >= max + T log(min_p); a lower bound on the top-p threshold from that sum
 // (tightened by one multi-probe pass), and the values above the bounds compacted (a few percent
 // of the row); the top-p threshold by bisection on kept mass over those; then one inverse-CDF
-// walk in vocabulary order. Masses are summed in double so decisions match the float64
-// reference except within float rounding of a boundary.
+// walk in vocabulary order. Top-p on a whole row (the common case) never stores the row's
+// masses: as each L1-sized block is exponentiated, only the values that can still be kept are
+// compacted (~30% of the row), and every later pass reads those. Masses are summed in double so
+// decisions match the float64 reference except within float rounding of a boundary.
 //
 // Rows run in parallel (OpenMP); a batch smaller than the thread count also splits each row's
 // two full passes (max and exp) over fixed chunks, combined in a fixed order, so a row's result
@@ -61,6 +63,7 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kChunk = 16384;  // fixed split of a row's full passes (batch invariance)
+constexpr int64_t kSub = 2048;     // L1-sized block of the exp pass
 constexpr int64_t kBlock = 256;    // granularity of the inverse-CDF walk
 constexpr int64_t kSmall = 256;    // bracket size at which the threshold search sorts
 
@@ -120,33 +123,46 @@ HOT MaxStats widen_max(const uint16_t* src, float* out, int64_t n, int dtype) {
   return max_f32(out, n);
 }
 
-// e[i] = exp((x[i] - m) * invt) as float (0 where that underflows); returns their sum in double.
-// Computed in double (degree-8 polynomial on |r| <= ln2/2, relative error ~2e-10) so e is
-// correctly rounded to float for any temperature; written without branches or calls so every
-// ISA vectorises it.
+// Sum of f[0..n) in double, from float sums of 4 values in each of 16 lanes: one float add per
+// value in the hot loop, relative error below 2e-7 (float e carries ~1e-7 already), and an order
+// fixed by the code, not by the vector width.
+HOT double sum_floats(const float* f, int64_t n) {
+  constexpr int kLanes = 16;
+  double lanes[kLanes] = {}, sum = 0.0;
+  int64_t i = 0;
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes)
+    for (int j = 0; j < kLanes; ++j)
+      lanes[j] += double((f[i + j] + f[i + kLanes + j]) + (f[i + 2 * kLanes + j] + f[i + 3 * kLanes + j]));
+  for (; i < n; ++i) sum += f[i];
+  for (int j = 0; j < kLanes; ++j) sum += lanes[j];
+  return sum;
+}
+
+// e[i] = exp((x[i] - m) * invt) as float (0 below 2^-126, x = -inf included); returns their sum
+// in double. The argument is reduced in double (x * invt is not exact in float), the polynomial
+// runs in float (degree 6 on |r| <= ln2/2, error below 1.5 ulp): twice the values per vector of
+// an all-double exp, for ~2 ulp instead of 0.5. Branch- and call-free so every ISA vectorises it;
+// the sum is taken per L1-sized block, after it is written.
 HOT double exp_into(const float* x, float* e, int64_t n, float m, double invt) {
-  const double md = m, shifter = 0x1.8p52;  // adding 1.5 * 2^52 rounds to an integer in the low bits
+  const double c = double(m) * invt, shifter = 0x1.8p52;  // adding 1.5 * 2^52 rounds to an integer in the low bits
   double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    // <= 0; clamped where exp underflows float (x = -inf included) so the result rounds to 0
-    const double d = (double(x[i]) - md) * invt, a = d > -110.0 ? d : -110.0;
-    const double t = a * 1.4426950408889634 + shifter;
-    const double k = t - shifter;
-    const double r = (a - k * 0.693145751953125) - k * 1.4286068203094173e-06;  // ln2 in two parts
-    double p = 1.0 / 40320;
-    p = p * r + 1.0 / 5040;
-    p = p * r + 1.0 / 720;
-    p = p * r + 1.0 / 120;
-    p = p * r + 1.0 / 24;
-    p = p * r + 1.0 / 6;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    const int64_t bits = (__builtin_bit_cast(int64_t, t) + 1023) << 52;  // 2^k: k sits in t's low bits
-    const float ei = float(p * __builtin_bit_cast(double, bits));
-    e[i] = ei;
-    sum += double(ei);
+  for (int64_t b = 0; b < n; b += kSub) {
+    const int64_t end = b + kSub < n ? b + kSub : n;
+    for (int64_t i = b; i < end; ++i) {
+      const double d = double(x[i]) * invt - c;  // <= 0 (up to rounding)
+      const double t = d * 1.4426950408889634 + shifter;
+      const float r = float(d - (t - shifter) * 0.6931471805599453);
+      float p = 1.384140342e-03f;
+      p = p * r + 8.374842815e-03f;
+      p = p * r + 4.166814312e-02f;
+      p = p * r + 1.666641980e-01f;
+      p = p * r + 4.999999106e-01f;
+      p = p * r + 1.0f;
+      p = p * r + 1.0f;
+      const uint32_t bits = (uint32_t(__builtin_bit_cast(uint64_t, t)) + 127) << 23;  // 2^k: k sits in t's low bits
+      e[i] = d >= -87.0 ? p * __builtin_bit_cast(float, bits) : 0.0f;  // below, 2^k is not a normal float
+    }
+    sum += sum_floats(e + b, end - b);
   }
   return sum;
 }
@@ -207,19 +223,6 @@ void block_mass(const float* x, const float* e, int64_t n, float tau, double* ou
   for (int64_t b = 0; b * kBlock < n; ++b) out[b] = tally(x + b * kBlock, e + b * kBlock, std::min(kBlock, n - b * kBlock), tau).mass;
 }
 
-// Appends to `out` every i with lo <= x[i] < hi, in order. A vectorised count per 64-block
-// skips the blocks without a hit, so a sparse selection costs about one read.
-HOT void indices_in(const float* x, int64_t n, float lo, float hi, std::vector<int64_t>& out) {
-  for (int64_t b = 0; b < n; b += 64) {
-    const int64_t end = std::min<int64_t>(b + 64, n);
-    int hits = 0;
-    for (int64_t i = b; i < end; ++i) hits += (x[i] >= lo) & (x[i] < hi);
-    if (hits == 0) continue;
-    for (int64_t i = b; i < end; ++i)
-      if (x[i] >= lo && x[i] < hi) out.push_back(i);
-  }
-}
-
 // A growable array that, unlike std::vector, does not zero what it grows into (the compaction
 // writes a row-sized buffer of which it uses a few percent).
 template <class T>
@@ -238,60 +241,118 @@ struct Buffer {
 struct Compacted {
   Buffer<float> x, e;
   Buffer<int32_t> ids;
-  int64_t n = 0;
 };
 
-// Fills c with the x[i] >= lo of x[0..n) (and e[i] if e != nullptr); false, leaving c unusable,
-// once more than `limit` qualify. A branch per value would mispredict at the ~5-20% densities
-// top-p leaves, so AVX-512 compresses 16 values per step and other CPUs write every value and
-// advance by the predicate.
+// A stretch of a row in vocabulary order: values x, masses e (or nullptr), and vocabulary ids
+// (ids[i], or first + i when ids is nullptr).
+struct Run {
+  const float* x;
+  const float* e;
+  const int32_t* ids;
+  int64_t first, n;
+};
+
+// Copies the i of `in` with lo <= key[i] < hi (key is in.x or in.e) to c from position `at` on,
+// in order, and returns the new end; -1 once it passes `limit`. c needs room for 16 values past
+// the last one kept (see reserve) and may be `in` itself (in place: each 16 values are read
+// before anything is written over them). A branch per value would mispredict at the ~5-30%
+// densities top-p leaves, so AVX-512 compresses 16 values per step (storing only the kept
+// lanes: a full 64-byte store would almost always split a cache line) and other CPUs write
+// every value and advance by the predicate.
 #if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("avx512f"))) bool compact_avx512(const float* x, const float* e, int64_t n, float lo,
-                                                        int64_t limit, Compacted& c) {
-  float *cx = c.x.get(n + 16), *ce = e ? c.e.get(n + 16) : nullptr;
-  int32_t* ci = c.ids.get(n + 16);
-  const __m512 vlo = _mm512_set1_ps(lo);
-  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  int64_t k = 0, i = 0;
+__attribute__((target("avx512f"))) int64_t compact_avx512(const Run& in, const float* key, float lo, float hi,
+                                                           Compacted& c, int64_t at, int64_t limit) {
+  // locals, so the loop keeps them in registers (the stores below could alias `in`)
+  const float *x = in.x, *e = in.e;
+  const int32_t* ids = in.ids;
+  const int64_t n = in.n;
+  float *cx = c.x.get(), *ce = c.e.get();
+  int32_t* ci = c.ids.get();
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(int32_t(in.first)),
+                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  int64_t k = at, i = 0;
   for (; i + 16 <= n; i += 16, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16))) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    const __mmask16 in = _mm512_cmp_ps_mask(v, vlo, _CMP_GE_OQ);
-    _mm512_storeu_ps(cx + k, _mm512_maskz_compress_ps(in, v));
-    _mm512_storeu_si512(ci + k, _mm512_maskz_compress_epi32(in, idx));
-    if (ce) _mm512_storeu_ps(ce + k, _mm512_maskz_compress_ps(in, _mm512_loadu_ps(e + i)));
-    k += __builtin_popcount(in);
-    if (k > limit) return false;
+    const __m512 kv = _mm512_loadu_ps(key + i);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(kv, vlo, _CMP_GE_OQ), kv, vhi, _CMP_LT_OQ);
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    const __m512i iv = ids ? _mm512_loadu_si512(ids + i) : idx;
+    const __m512 ev = e ? _mm512_loadu_ps(e + i) : xv;
+    const int count = __builtin_popcount(keep);
+    const __mmask16 low = __mmask16((1u << count) - 1);
+    _mm512_mask_storeu_ps(cx + k, low, _mm512_maskz_compress_ps(keep, xv));
+    _mm512_mask_storeu_epi32(ci + k, low, _mm512_maskz_compress_epi32(keep, iv));
+    if (e) _mm512_mask_storeu_ps(ce + k, low, _mm512_maskz_compress_ps(keep, ev));
+    k += count;
+    if (k > limit) return -1;
   }
   for (; i < n; ++i)
-    if (x[i] >= lo) cx[k] = x[i], ci[k] = int32_t(i), ce ? ce[k] = e[i] : 0.0f, ++k;
-  c.n = k;
-  return k <= limit;
+    if (key[i] >= lo && key[i] < hi) {
+      cx[k] = x[i], ci[k] = ids ? ids[i] : int32_t(in.first + i);
+      if (e) ce[k] = e[i];
+      ++k;
+    }
+  return k <= limit ? k : -1;
 }
 #endif
 
-bool compact_scalar(const float* x, const float* e, int64_t n, float lo, int64_t limit, Compacted& c) {
-  float *cx = c.x.get(n + 1), *ce = e ? c.e.get(n + 1) : nullptr;
-  int32_t* ci = c.ids.get(n + 1);
-  int64_t k = 0;
-  for (int64_t b = 0; b < n; b += 1024) {
-    for (int64_t i = b; i < std::min(n, b + 1024); ++i) {
-      cx[k] = x[i], ci[k] = int32_t(i);
-      if (ce) ce[k] = e[i];
-      k += x[i] >= lo;
+int64_t compact_scalar(const Run& in, const float* key, float lo, float hi, Compacted& c, int64_t at, int64_t limit) {
+  float *cx = c.x.get(), *ce = c.e.get();
+  int32_t* ci = c.ids.get();
+  int64_t k = at;
+  for (int64_t b = 0; b < in.n; b += 1024) {
+    for (int64_t i = b; i < std::min(in.n, b + 1024); ++i) {
+      const bool keep = key[i] >= lo && key[i] < hi;  // read before the writes below (in place, k may equal i)
+      cx[k] = in.x[i], ci[k] = in.ids ? in.ids[i] : int32_t(in.first + i);
+      if (in.e) ce[k] = in.e[i];
+      k += keep;
     }
-    if (k > limit) return false;
+    if (k > limit) return -1;
   }
-  c.n = k;
-  return true;
+  return k;
 }
 
-bool compact(const float* x, const float* e, int64_t n, float lo, int64_t limit, Compacted& c) {
+int64_t compact(const Run& in, const float* key, float lo, float hi, Compacted& c, int64_t at, int64_t limit) {
 #if defined(__GNUC__) && defined(__x86_64__)
   // CTRLSAFE_NO_AVX512=1 forces the portable loop (tests run it that way too)
   static const bool avx512 = __builtin_cpu_supports("avx512f") && !std::getenv("CTRLSAFE_NO_AVX512");
-  if (avx512) return compact_avx512(x, e, n, lo, limit, c);
+  if (avx512) return compact_avx512(in, key, lo, hi, c, at, limit);
 #endif
-  return compact_scalar(x, e, n, lo, limit, c);
+  return compact_scalar(in, key, lo, hi, c, at, limit);
+}
+
+// Room for a compaction that keeps at most n values into c (with masses when `masses`).
+void reserve(Compacted& c, int64_t n, bool masses) {
+  c.x.get(n + 16), c.ids.get(n + 16);
+  if (masses) c.e.get(n + 16);
+}
+
+// Top-p on a whole row: fills c with the values that may still be kept (with masses and ids) and
+// returns how many, with the sum z of all the row's masses, never writing those anywhere. Masses below
+// (1 - top_p) * Z / n are never kept (see sample_row); each kSub block's masses are computed into
+// L1 (or read from e_row when a split pass has them), summed, and compacted against that bound
+// with Z replaced by the sum so far (and at least 1, the max's own mass): a bound that rises
+// along the row and keeps ~30% of N(0, 3^2) logits where the final bound keeps ~23%. Sums are
+// associated exactly as exp_sum's, so both give the same bits.
+int64_t top_p_candidates(const float* x, const float* e_row, int64_t n, float m, double invt, double drop,
+                         Compacted& c, double& z) {
+  reserve(c, n, true);
+  float eb[kSub];
+  z = 0.0;
+  int64_t k = 0;
+  for (int64_t chunk = 0; chunk < n; chunk += kChunk) {
+    double zc = 0.0;
+    for (int64_t b = chunk; b < std::min(n, chunk + kChunk); b += kSub) {
+      const int64_t len = std::min(kSub, n - b);
+      const float* e = e_row ? e_row + b : eb;
+      zc += e_row ? sum_floats(e, len) : exp_into(x + b, eb, len, m, invt);
+      // a margin of 2e-3 for float rounding against the floors sample_row derives in x
+      const float lo = float(drop * std::max(z + zc, 1.0) / double(n) * (1 - 2e-3));
+      k = compact(Run{x + b, e, nullptr, b, len}, e, lo, kInf, c, k, n);
+    }
+    z += zc;
+  }
+  return k;
 }
 
 // Per-thread buffers, reused across calls (no allocation once warm).
@@ -300,8 +361,8 @@ struct Scratch {
   Compacted cand;
   std::vector<double> blocks;
   std::vector<float> kbuf;
+  Compacted bracket;
   std::vector<std::pair<float, float>> tbuf;
-  std::vector<int64_t> tidx;
 };
 
 Scratch& scratch() {
@@ -377,11 +438,12 @@ float weighted_threshold(const float* x, const float* w, int64_t n, float lo, Ta
       side = -1;
     }
   }
-  s.tidx.clear();
-  indices_in(x, n, lo, hi, s.tidx);
+  // the c_lo - c_hi values in [lo, hi), compacted (they are scattered over the whole array)
+  reserve(s.bracket, c_lo - c_hi, w != nullptr);
+  const int64_t nb = compact(Run{x, w, nullptr, 0, n}, x, lo, hi, s.bracket, 0, c_lo - c_hi);
   auto& buf = s.tbuf;
   buf.clear();
-  for (int64_t i : s.tidx) buf.emplace_back(x[i], w ? w[i] : 1.0f);
+  for (int64_t i = 0; i < nb; ++i) buf.emplace_back(s.bracket.x.get()[i], w ? s.bracket.e.get()[i] : 1.0f);
   std::sort(buf.begin(), buf.end(), [](auto& a, auto& b) { return a.first > b.first; });
   double acc = w_hi;
   for (size_t i = 0; i < buf.size();) {
@@ -439,20 +501,20 @@ std::pair<int64_t, double> inverse_cdf(const float* x, const float* e, int64_t n
   return {last, double(e[last]) / total};
 }
 
-// One row. `x` holds n floats (the row itself for fp32). max_stats / e_sum may have been
-// computed already by a chunk-parallel pass (e_ready).
-RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st, bool e_ready, double z_all) {
+// One row. `x` holds n floats (the row itself for fp32). A chunk-parallel pass may have computed
+// the row's masses e_row = exp((x - max) / T) and their sum z_row already (else e_row is null).
+RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st, const float* e_row, double z_row) {
   if (st.bad || st.max == -kInf) return {-1, std::numeric_limits<float>::quiet_NaN(), false};
   Scratch& s = scratch();
   const float m = st.max, above_max = std::nextafter(m, kInf);
   if (p.temperature == 0.0f) {  // greedy: argmax (first on ties), untempered log-softmax
     int64_t tok = 0;
     while (x[tok] != m) ++tok;
-    if (!e_ready) {
+    if (!e_row) {
       s.e.resize(n);
-      z_all = exp_sum(x, s.e.data(), n, m, 1.0);
+      z_row = exp_sum(x, s.e.data(), n, m, 1.0);
     }
-    return {tok, float(-std::log(z_all)), true};
+    return {tok, float(-std::log(z_row)), true};
   }
   const double invt = 1.0 / double(p.temperature);
 
@@ -463,21 +525,30 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
   int64_t wn = n;
   float tau = -kInf;  // the kept set is {x >= tau}
   const bool k_on = p.top_k > 0 && p.top_k < n;
-  if (k_on && !e_ready && p.top_k * 16 <= n) {
+  if (k_on && !e_row && p.top_k * 16 <= n) {
     tau = kth_largest(x, n, p.top_k, s.kbuf);
-    compact(x, nullptr, n, tau, n, s.cand);
-    wx = s.cand.x.get(), wi = s.cand.ids.get(), wn = s.cand.n;
-    e_ready = false;
+    reserve(s.cand, n, false);
+    wn = compact(Run{x, nullptr, nullptr, 0, n}, x, tau, kInf, s.cand, 0, n);
+    wx = s.cand.x.get(), wi = s.cand.ids.get();
   } else if (k_on) {
     const Tally finite = tally(x, nullptr, n, st.min);
     if (finite.count >= p.top_k)  // else fewer finite logits than k: top-k keeps them all
       tau = weighted_threshold(x, nullptr, n, st.min, finite, above_max, double(p.top_k), s);
   }
-  if (!e_ready) {
+
+  // Masses of the working set. Top-p on a whole row never needs most of them: only the values
+  // that may still be kept are compacted, with their masses, as the masses are computed.
+  const bool whole_top_p = p.top_p < 1.0f && tau == -kInf && !wi;
+  const float* e = e_row;
+  double z_all = z_row;
+  if (whole_top_p) {
+    wn = top_p_candidates(x, e_row, n, m, invt, 1.0 - double(p.top_p), s.cand, z_all);
+    wx = s.cand.x.get(), e = s.cand.e.get(), wi = s.cand.ids.get();
+  } else if (!e) {
     s.e.resize(wn);
     z_all = exp_sum(wx, s.e.data(), wn, m, invt);
+    e = s.e.data();
   }
-  const float* e = s.e.data();
 
   // Lower bounds on the final threshold, from each filter that is on.
   float floor = tau;
@@ -491,15 +562,16 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
   double top_p_target = 0.0;
   if (p.top_p < 1.0f) {
     // The top-k survivors' mass (z_all when nothing was cut, or the working set is the survivors).
-    const Tally kept = tau == -kInf || wi ? Tally{z_all, wn} : tally(wx, e, wn, std::max(tau, st.min));
+    const Tally kept = tau == -kInf || wi ? Tally{z_all, whole_top_p ? n : wn} : tally(wx, e, wn, std::max(tau, st.min));
     top_p_target = double(p.top_p) * kept.mass;
     // The values with e < (1 - top_p) * mass / count weigh less than (1 - top_p) * mass together,
     // so the values above reach top_p already: the cut is at or above that bound (taken a little
     // lower in x, so float rounding can only widen the set).
     double theta = (1.0 - double(p.top_p)) * kept.mass / double(kept.count);
-    // On the whole row, one more pass raises that bound to the largest of a few values spaced
-    // evenly in log e above it that still keep top_p of the mass (with a margin for float sums).
-    if (!wi && tau == -kInf) {
+    // On a whole row, one more pass (over the candidates) raises that bound to the largest of a
+    // few values spaced evenly in log e above it that still keep top_p of the mass (with a
+    // margin for float sums).
+    if (whole_top_p) {
       float t[kProbes];
       double above[kProbes];
       for (int j = 0; j < kProbes; ++j) t[j] = float(std::pow(theta, 1.0 - double(j + 1) / (kProbes + 1)));
@@ -509,12 +581,15 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
     }
     floor = std::max(floor, float(double(m) + double(p.temperature) * (std::log(theta) - 1e-3)));
   }
-  // Nothing below the floor is ever drawn: when few values reach it (typically a few hundred of
-  // a 128k vocabulary), compact them in vocabulary order so the threshold search and the inverse
-  // CDF read those instead of the row.
-  if (!wi && floor > -kInf) {
-    if (compact(wx, e, wn, floor, wn / 8, s.cand))
-      wx = s.cand.x.get(), e = s.cand.e.get(), wi = s.cand.ids.get(), wn = s.cand.n;
+  // Nothing below the floor is ever drawn: compact what reaches it (typically a few percent of
+  // the row) in vocabulary order, so the threshold search and the inverse CDF read only that. The
+  // top-p candidates are compacted in place; a whole row only when at most 1/8 of it qualifies.
+  if (whole_top_p) {
+    wn = compact(Run{wx, e, wi, 0, wn}, wx, floor, kInf, s.cand, 0, wn);
+  } else if (!wi && floor > -kInf) {
+    reserve(s.cand, wn, true);
+    const int64_t kept = compact(Run{wx, e, nullptr, 0, wn}, wx, floor, kInf, s.cand, 0, wn / 8);
+    if (kept >= 0) wx = s.cand.x.get(), e = s.cand.e.get(), wi = s.cand.ids.get(), wn = kept;
   }
   tau = floor;
   if (p.top_p < 1.0f) {
@@ -570,7 +645,7 @@ void run_rows(const Batch& b, int threads) {
     Scratch& s = scratch();
     MaxStats st;
     const float* x = row_floats(b, r, 0, b.V, s.wide, st);
-    b.write(r, sample_row(x, b.V, b.params(r), st, false, 0.0));
+    b.write(r, sample_row(x, b.V, b.params(r), st, nullptr, 0.0));
   }
 }
 
@@ -606,10 +681,8 @@ void run_split(const Batch& b) {
         csum[c] = exp_sum(x + begin, e.data() + begin, end - begin, st.max, invt);
       }
       for (double c : csum) z += c;
-      scratch().e.swap(e);
     }
-    b.write(r, sample_row(x, b.V, p, st, do_exp, z));
-    if (do_exp) scratch().e.swap(e);
+    b.write(r, sample_row(x, b.V, p, st, do_exp ? e.data() : nullptr, z));
   }
 }
 
