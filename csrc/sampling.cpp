@@ -29,6 +29,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -138,29 +139,48 @@ HOT double sum_floats(const float* f, int64_t n) {
   return sum;
 }
 
+// The next row this thread will sample, pulled into L2 while the exp pass of this one computes:
+// a row streams in from L3 or DRAM at ~1.3 cycles per value and the exp pass computes for about
+// as long, but the core does not overlap the two by itself (measured: fusing the max and exp
+// passes cost their sum). The exp pass pulls one line of the next row per 64 / width values it
+// computes, so the next row's max pass reads it from L2.
+struct Ahead {
+  const char* next = nullptr;  // the next line to pull
+  const char* end = nullptr;
+  int64_t width = 0;  // bytes per value
+  void pull(int64_t values) {
+    if (!next) return;
+    const char* stop = std::min(end, next + values * width);
+    for (; next < stop; next += 64) __builtin_prefetch(next, 0, 2);  // 2: into L2 (prefetcht1)
+  }
+};
+
 // e[i] = exp((x[i] - m) * invt) as float (0 below 2^-126, x = -inf included); returns their sum
 // in double. The argument is reduced in double (x * invt is not exact in float), the polynomial
 // runs in float (degree 6 on |r| <= ln2/2, error below 1.5 ulp): twice the values per vector of
 // an all-double exp, for ~2 ulp instead of 0.5. Branch- and call-free so every ISA vectorises it;
 // the sum is taken per L1-sized block, after it is written.
-HOT double exp_into(const float* x, float* e, int64_t n, float m, double invt) {
+HOT double exp_into(const float* x, float* e, int64_t n, float m, double invt, Ahead& ahead) {
   const double c = double(m) * invt, shifter = 0x1.8p52;  // adding 1.5 * 2^52 rounds to an integer in the low bits
   double sum = 0.0;
   for (int64_t b = 0; b < n; b += kSub) {
     const int64_t end = b + kSub < n ? b + kSub : n;
-    for (int64_t i = b; i < end; ++i) {
-      const double d = double(x[i]) * invt - c;  // <= 0 (up to rounding)
-      const double t = d * 1.4426950408889634 + shifter;
-      const float r = float(d - (t - shifter) * 0.6931471805599453);
-      float p = 1.384140342e-03f;
-      p = p * r + 8.374842815e-03f;
-      p = p * r + 4.166814312e-02f;
-      p = p * r + 1.666641980e-01f;
-      p = p * r + 4.999999106e-01f;
-      p = p * r + 1.0f;
-      p = p * r + 1.0f;
-      const uint32_t bits = (uint32_t(__builtin_bit_cast(uint64_t, t)) + 127) << 23;  // 2^k: k sits in t's low bits
-      e[i] = d >= -87.0 ? p * __builtin_bit_cast(float, bits) : 0.0f;  // below, 2^k is not a normal float
+    for (int64_t step = b; step < end; step += 64) {
+      ahead.pull(64);
+      for (int64_t i = step; i < (step + 64 < end ? step + 64 : end); ++i) {
+        const double d = double(x[i]) * invt - c;  // <= 0 (up to rounding)
+        const double t = d * 1.4426950408889634 + shifter;
+        const float r = float(d - (t - shifter) * 0.6931471805599453);
+        float p = 1.384140342e-03f;
+        p = p * r + 8.374842815e-03f;
+        p = p * r + 4.166814312e-02f;
+        p = p * r + 1.666641980e-01f;
+        p = p * r + 4.999999106e-01f;
+        p = p * r + 1.0f;
+        p = p * r + 1.0f;
+        const uint32_t bits = (uint32_t(__builtin_bit_cast(uint64_t, t)) + 127) << 23;  // 2^k: k sits in t's low bits
+        e[i] = d >= -87.0 ? p * __builtin_bit_cast(float, bits) : 0.0f;  // below, 2^k is not a normal float
+      }
     }
     sum += sum_floats(e + b, end - b);
   }
@@ -169,11 +189,11 @@ HOT double exp_into(const float* x, float* e, int64_t n, float m, double invt) {
 
 // Fills e and returns its sum, chunk by chunk in a fixed order: the split-row path sums the same
 // chunks on different threads and must get the same bits.
-double exp_sum(const float* x, float* e, int64_t n, float m, double invt) {
+double exp_sum(const float* x, float* e, int64_t n, float m, double invt, Ahead ahead = {}) {
   double sum = 0.0;
   for (int64_t begin = 0; begin < n; begin += kChunk) {
     const int64_t len = std::min(kChunk, n - begin);
-    sum += exp_into(x + begin, e + begin, len, m, invt);
+    sum += exp_into(x + begin, e + begin, len, m, invt, ahead);
   }
   return sum;
 }
@@ -274,7 +294,8 @@ __attribute__((target("avx512f"))) int64_t compact_avx512(const Run& in, const f
   int64_t k = at, i = 0;
   for (; i + 16 <= n; i += 16, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16))) {
     const __m512 kv = _mm512_loadu_ps(key + i);
-    const __mmask16 keep = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(kv, vlo, _CMP_GE_OQ), kv, vhi, _CMP_LT_OQ);
+    __mmask16 keep = _mm512_cmp_ps_mask(kv, vlo, _CMP_GE_OQ);
+    if (hi != kInf) keep = _mm512_mask_cmp_ps_mask(keep, kv, vhi, _CMP_LT_OQ);
     const __m512 xv = _mm512_loadu_ps(x + i);
     const __m512i iv = ids ? _mm512_loadu_si512(ids + i) : idx;
     const __m512 ev = e ? _mm512_loadu_ps(e + i) : xv;
@@ -335,7 +356,7 @@ void reserve(Compacted& c, int64_t n, bool masses) {
 // along the row and keeps ~30% of N(0, 3^2) logits where the final bound keeps ~23%. Sums are
 // associated exactly as exp_sum's, so both give the same bits.
 int64_t top_p_candidates(const float* x, const float* e_row, int64_t n, float m, double invt, double drop,
-                         Compacted& c, double& z) {
+                         Ahead ahead, Compacted& c, double& z) {
   reserve(c, n, true);
   float eb[kSub];
   z = 0.0;
@@ -345,7 +366,7 @@ int64_t top_p_candidates(const float* x, const float* e_row, int64_t n, float m,
     for (int64_t b = chunk; b < std::min(n, chunk + kChunk); b += kSub) {
       const int64_t len = std::min(kSub, n - b);
       const float* e = e_row ? e_row + b : eb;
-      zc += e_row ? sum_floats(e, len) : exp_into(x + b, eb, len, m, invt);
+      zc += e_row ? sum_floats(e, len) : exp_into(x + b, eb, len, m, invt, ahead);
       // a margin of 2e-3 for float rounding against the floors sample_row derives in x
       const float lo = float(drop * std::max(z + zc, 1.0) / double(n) * (1 - 2e-3));
       k = compact(Run{x + b, e, nullptr, b, len}, e, lo, kInf, c, k, n);
@@ -503,7 +524,8 @@ std::pair<int64_t, double> inverse_cdf(const float* x, const float* e, int64_t n
 
 // One row. `x` holds n floats (the row itself for fp32). A chunk-parallel pass may have computed
 // the row's masses e_row = exp((x - max) / T) and their sum z_row already (else e_row is null).
-RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st, const float* e_row, double z_row) {
+RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st, const float* e_row, double z_row,
+                     Ahead ahead) {
   if (st.bad || st.max == -kInf) return {-1, std::numeric_limits<float>::quiet_NaN(), false};
   Scratch& s = scratch();
   const float m = st.max, above_max = std::nextafter(m, kInf);
@@ -512,7 +534,7 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
     while (x[tok] != m) ++tok;
     if (!e_row) {
       s.e.resize(n);
-      z_row = exp_sum(x, s.e.data(), n, m, 1.0);
+      z_row = exp_sum(x, s.e.data(), n, m, 1.0, ahead);
     }
     return {tok, float(-std::log(z_row)), true};
   }
@@ -542,11 +564,11 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
   const float* e = e_row;
   double z_all = z_row;
   if (whole_top_p) {
-    wn = top_p_candidates(x, e_row, n, m, invt, 1.0 - double(p.top_p), s.cand, z_all);
+    wn = top_p_candidates(x, e_row, n, m, invt, 1.0 - double(p.top_p), ahead, s.cand, z_all);
     wx = s.cand.x.get(), e = s.cand.e.get(), wi = s.cand.ids.get();
   } else if (!e) {
     s.e.resize(wn);
-    z_all = exp_sum(wx, s.e.data(), wn, m, invt);
+    z_all = exp_sum(wx, s.e.data(), wn, m, invt, ahead);
     e = s.e.data();
   }
 
@@ -622,7 +644,13 @@ struct Batch {
   bool* valid;
 
   RowParams params(int64_t r) const { return {temperature[r], top_p[r], min_p[r], uniforms[r], top_k[r]}; }
-  const void* row(int64_t r) const { return logits + r * row_stride * (dtype == F32 ? 4 : 2); }
+  int64_t width() const { return dtype == F32 ? 4 : 2; }
+  const void* row(int64_t r) const { return logits + r * row_stride * width(); }
+  Ahead ahead(int64_t r) const {  // row r's bytes (none past the last row)
+    if (r >= B) return {};
+    const char* p = static_cast<const char*>(row(r));
+    return {p, p + V * width(), width()};
+  }
   void write(int64_t r, RowResult res) const { tokens[r] = res.token, logprobs[r] = res.logprob, valid[r] = res.valid; }
 };
 
@@ -639,13 +667,19 @@ const float* row_floats(const Batch& b, int64_t r, int64_t begin, int64_t end, s
 }
 
 void run_rows(const Batch& b, int threads) {
+  // Rows are handed out one at a time (their cost varies with their parameters); each thread
+  // claims its next row before sampling the current one, so it can pull it in meanwhile.
+  std::atomic<int64_t> claimed{0};
   // Waking a thread team costs more than sampling a short row alone.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && b.B * b.V >= (1 << 16))
-  for (int64_t r = 0; r < b.B; ++r) {
+#pragma omp parallel num_threads(threads) if (threads > 1 && b.B * b.V >= (1 << 16))
+  {
     Scratch& s = scratch();
-    MaxStats st;
-    const float* x = row_floats(b, r, 0, b.V, s.wide, st);
-    b.write(r, sample_row(x, b.V, b.params(r), st, nullptr, 0.0));
+    for (int64_t r = claimed++, next; r < b.B; r = next) {
+      next = claimed++;
+      MaxStats st;
+      const float* x = row_floats(b, r, 0, b.V, s.wide, st);
+      b.write(r, sample_row(x, b.V, b.params(r), st, nullptr, 0.0, b.ahead(next)));
+    }
   }
 }
 
@@ -682,7 +716,7 @@ void run_split(const Batch& b) {
       }
       for (double c : csum) z += c;
     }
-    b.write(r, sample_row(x, b.V, p, st, do_exp ? e.data() : nullptr, z));
+    b.write(r, sample_row(x, b.V, p, st, do_exp ? e.data() : nullptr, z, Ahead{}));
   }
 }
 
