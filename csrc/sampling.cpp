@@ -348,37 +348,10 @@ void reserve(Compacted& c, int64_t n, bool masses) {
   if (masses) c.e.get(n + 16);
 }
 
-// Top-p on a whole row: fills c with the values that may still be kept (with masses and ids) and
-// returns how many, with the sum z of all the row's masses, never writing those anywhere. Masses below
-// (1 - top_p) * Z / n are never kept (see sample_row); each kSub block's masses are computed into
-// L1 (or read from e_row when a split pass has them), summed, and compacted against that bound
-// with Z replaced by the sum so far (and at least 1, the max's own mass): a bound that rises
-// along the row and keeps ~30% of N(0, 3^2) logits where the final bound keeps ~23%. Sums are
-// associated exactly as exp_sum's, so both give the same bits.
-int64_t top_p_candidates(const float* x, const float* e_row, int64_t n, float m, double invt, double drop,
-                         Ahead ahead, Compacted& c, double& z) {
-  reserve(c, n, true);
-  float eb[kSub];
-  z = 0.0;
-  int64_t k = 0;
-  for (int64_t chunk = 0; chunk < n; chunk += kChunk) {
-    double zc = 0.0;
-    for (int64_t b = chunk; b < std::min(n, chunk + kChunk); b += kSub) {
-      const int64_t len = std::min(kSub, n - b);
-      const float* e = e_row ? e_row + b : eb;
-      zc += e_row ? sum_floats(e, len) : exp_into(x + b, eb, len, m, invt, ahead);
-      // a margin of 2e-3 for float rounding against the floors sample_row derives in x
-      const float lo = float(drop * std::max(z + zc, 1.0) / double(n) * (1 - 2e-3));
-      k = compact(Run{x + b, e, nullptr, b, len}, e, lo, kInf, c, k, n);
-    }
-    z += zc;
-  }
-  return k;
-}
-
 // Per-thread buffers, reused across calls (no allocation once warm).
 struct Scratch {
-  std::vector<float> wide, e;
+  std::vector<float> wide, e, block_max;
+  std::vector<double> later;
   Compacted cand;
   std::vector<double> blocks;
   std::vector<float> kbuf;
@@ -389,6 +362,40 @@ struct Scratch {
 Scratch& scratch() {
   thread_local Scratch s;
   return s;
+}
+
+// Top-p on a whole row: fills s.cand with the values that may still be kept (with masses and
+// ids) and returns how many, with the sum z of all the row's masses, never writing those anywhere.
+// Masses below (1 - top_p) * Z / n are never kept (see sample_row); each kSub block's masses are
+// computed into L1 (or read from e_row when a split pass has them), summed, and compacted against
+// that bound with Z replaced by a lower bound: the sum so far plus the masses of the later
+// blocks' maxima. It rises along the row and keeps ~28% of N(0, 3^2) logits where the final bound
+// keeps ~23%. Sums are associated exactly as exp_sum's, so both give the same bits.
+int64_t top_p_candidates(const float* x, const float* e_row, const float* block_max, int64_t n, float m, double invt,
+                         double drop, Ahead ahead, Scratch& s, double& z) {
+  Compacted& c = s.cand;
+  reserve(c, n, true);
+  // later[i]: the mass of the maxima of the blocks after block i, a lower bound on theirs
+  const int64_t nb = (n + kSub - 1) / kSub;
+  std::vector<double>& later = s.later;
+  later.assign(nb, 0.0);
+  for (int64_t i = nb - 2; i >= 0; --i) later[i] = later[i + 1] + std::exp((double(block_max[i + 1]) - double(m)) * invt);
+  float eb[kSub];
+  z = 0.0;
+  int64_t k = 0;
+  for (int64_t chunk = 0; chunk < n; chunk += kChunk) {
+    double zc = 0.0;
+    for (int64_t b = chunk; b < std::min(n, chunk + kChunk); b += kSub) {
+      const int64_t len = std::min(kSub, n - b);
+      const float* e = e_row ? e_row + b : eb;
+      zc += e_row ? sum_floats(e, len) : exp_into(x + b, eb, len, m, invt, ahead);
+      // a margin of 2e-3 for float rounding against the floors sample_row derives in x
+      const float lo = float(drop * (z + zc + later[b / kSub]) / double(n) * (1 - 2e-3));
+      k = compact(Run{x + b, e, nullptr, b, len}, e, lo, kInf, c, k, n);
+    }
+    z += zc;
+  }
+  return k;
 }
 
 // k-th largest value of x[0..n) (1 <= k <= n), streaming: keep only values >= a running
@@ -524,8 +531,8 @@ std::pair<int64_t, double> inverse_cdf(const float* x, const float* e, int64_t n
 
 // One row. `x` holds n floats (the row itself for fp32). A chunk-parallel pass may have computed
 // the row's masses e_row = exp((x - max) / T) and their sum z_row already (else e_row is null).
-RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st, const float* e_row, double z_row,
-                     Ahead ahead) {
+RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st, const float* block_max, const float* e_row,
+                     double z_row, Ahead ahead) {
   if (st.bad || st.max == -kInf) return {-1, std::numeric_limits<float>::quiet_NaN(), false};
   Scratch& s = scratch();
   const float m = st.max, above_max = std::nextafter(m, kInf);
@@ -564,7 +571,7 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
   const float* e = e_row;
   double z_all = z_row;
   if (whole_top_p) {
-    wn = top_p_candidates(x, e_row, n, m, invt, 1.0 - double(p.top_p), ahead, s.cand, z_all);
+    wn = top_p_candidates(x, e_row, block_max, n, m, invt, 1.0 - double(p.top_p), ahead, s, z_all);
     wx = s.cand.x.get(), e = s.cand.e.get(), wi = s.cand.ids.get();
   } else if (!e) {
     s.e.resize(wn);
@@ -655,15 +662,18 @@ struct Batch {
 };
 
 // The row as floats: in place for fp32, widened into `wide` otherwise; returns max stats.
-const float* row_floats(const Batch& b, int64_t r, int64_t begin, int64_t end, std::vector<float>& wide, MaxStats& st) {
-  if (b.dtype == F32) {
-    const float* x = static_cast<const float*>(b.row(r));
-    st = max_f32(x + begin, end - begin);
-    return x;
+// The max stats of row r's values [begin, end) (begin a multiple of kSub), and the max of each
+// kSub block in block_max[begin / kSub ...]. 16-bit rows are widened into wide[begin, end).
+MaxStats scan(const Batch& b, int64_t r, int64_t begin, int64_t end, float* wide, float* block_max) {
+  MaxStats st;
+  for (int64_t i = begin; i < end; i += kSub) {
+    const int64_t len = std::min(kSub, end - i);
+    const MaxStats bs = b.dtype == F32 ? max_f32(static_cast<const float*>(b.row(r)) + i, len)
+                                       : widen_max(static_cast<const uint16_t*>(b.row(r)) + i, wide + i, len, b.dtype);
+    block_max[i / kSub] = bs.max;
+    st.max = std::max(st.max, bs.max), st.min = std::min(st.min, bs.min), st.bad |= bs.bad;
   }
-  wide.resize(b.V);
-  st = widen_max(static_cast<const uint16_t*>(b.row(r)) + begin, wide.data() + begin, end - begin, b.dtype);
-  return wide.data();
+  return st;
 }
 
 void run_rows(const Batch& b, int threads) {
@@ -676,9 +686,11 @@ void run_rows(const Batch& b, int threads) {
     Scratch& s = scratch();
     for (int64_t r = claimed++, next; r < b.B; r = next) {
       next = claimed++;
-      MaxStats st;
-      const float* x = row_floats(b, r, 0, b.V, s.wide, st);
-      b.write(r, sample_row(x, b.V, b.params(r), st, nullptr, 0.0, b.ahead(next)));
+      if (b.dtype != F32) s.wide.resize(b.V);
+      s.block_max.resize((b.V + kSub - 1) / kSub);
+      const MaxStats st = scan(b, r, 0, b.V, s.wide.data(), s.block_max.data());
+      const float* x = b.dtype == F32 ? static_cast<const float*>(b.row(r)) : s.wide.data();
+      b.write(r, sample_row(x, b.V, b.params(r), st, s.block_max.data(), nullptr, 0.0, b.ahead(next)));
     }
   }
 }
@@ -687,7 +699,7 @@ void run_rows(const Batch& b, int threads) {
 // fixed chunks; the rest (threshold passes over an L2-resident row) stays on one thread.
 void run_split(const Batch& b) {
   const int64_t nc = (b.V + kChunk - 1) / kChunk;
-  std::vector<float> wide(b.dtype == F32 ? 0 : b.V), e(b.V);
+  std::vector<float> wide(b.dtype == F32 ? 0 : b.V), e(b.V), block_max((b.V + kSub - 1) / kSub);
   std::vector<MaxStats> cst(nc);
   std::vector<double> csum(nc);
   for (int64_t r = 0; r < b.B; ++r) {
@@ -696,10 +708,7 @@ void run_split(const Batch& b) {
 #pragma omp parallel for schedule(static)
     for (int64_t c = 0; c < nc; ++c) {
       const int64_t begin = c * kChunk, end = std::min(b.V, begin + kChunk);
-      if (b.dtype == F32)
-        cst[c] = max_f32(x + begin, end - begin);
-      else
-        cst[c] = widen_max(static_cast<const uint16_t*>(b.row(r)) + begin, wide.data() + begin, end - begin, b.dtype);
+      cst[c] = scan(b, r, begin, end, wide.data(), block_max.data());
     }
     MaxStats st;
     for (const MaxStats& c : cst) st.max = std::max(st.max, c.max), st.min = std::min(st.min, c.min), st.bad |= c.bad;
@@ -716,7 +725,7 @@ void run_split(const Batch& b) {
       }
       for (double c : csum) z += c;
     }
-    b.write(r, sample_row(x, b.V, p, st, do_exp ? e.data() : nullptr, z, Ahead{}));
+    b.write(r, sample_row(x, b.V, p, st, block_max.data(), do_exp ? e.data() : nullptr, z, Ahead{}));
   }
 }
 
