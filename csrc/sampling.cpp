@@ -354,7 +354,7 @@ struct Scratch {
   std::vector<double> later;
   Compacted cand;
   std::vector<double> blocks;
-  std::vector<float> kbuf;
+  Compacted kbuf;
   Compacted bracket;
   std::vector<std::pair<float, float>> tbuf;
 };
@@ -399,11 +399,13 @@ int64_t top_p_candidates(const float* x, const float* e_row, const float* block_
 }
 
 // k-th largest value of x[0..n) (1 <= k <= n), streaming: keep only values >= a running
-// threshold (the k-th largest seen so far, refreshed whenever 2k + 64 values are buffered), so
-// after the first blocks almost every block is skipped on its vectorised max.
-HOT float kth_largest(const float* x, int64_t n, int64_t k, std::vector<float>& buf) {
-  buf.clear();
-  size_t cap = 2 * size_t(k) + 64;
+// threshold (the k-th largest kept so far, refreshed whenever 2k + 64 are kept), so after the
+// first blocks almost every 64-value block is skipped on its vectorised max, and the others are
+// compacted rather than walked with a branch per value. `kept` is scratch.
+HOT float kth_largest(const float* x, int64_t n, int64_t k, Compacted& kept) {
+  reserve(kept, n, false);
+  float* v = kept.x.get();
+  int64_t count = 0, cap = 2 * k + 64;
   float thr = -kInf;
   for (int64_t b = 0; b < n; b += 64) {
     const int64_t end = std::min<int64_t>(b + 64, n);
@@ -411,17 +413,16 @@ HOT float kth_largest(const float* x, int64_t n, int64_t k, std::vector<float>& 
 #pragma omp simd reduction(max : bm)
     for (int64_t i = b; i < end; ++i) bm = bm > x[i] ? bm : x[i];
     if (bm < thr) continue;
-    for (int64_t i = b; i < end; ++i)
-      if (x[i] >= thr) buf.push_back(x[i]);
-    if (buf.size() >= cap) {
-      std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), std::greater<float>());
-      thr = buf[k - 1];
-      buf.erase(std::remove_if(buf.begin(), buf.end(), [&](float v) { return v < thr; }), buf.end());
-      if (buf.size() > cap / 2) cap *= 2;  // many ties at thr: grow rather than re-select often
+    count = compact(Run{x + b, nullptr, nullptr, b, end - b}, x + b, thr, kInf, kept, count, n);
+    if (count >= cap) {
+      std::nth_element(v, v + (k - 1), v + count, std::greater<float>());
+      thr = v[k - 1];
+      count = std::remove_if(v, v + count, [&](float y) { return y < thr; }) - v;
+      if (count > cap / 2) cap *= 2;  // many ties at thr: grow rather than re-select often
     }
   }
-  std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), std::greater<float>());
-  return buf[k - 1];
+  std::nth_element(v, v + (k - 1), v + count, std::greater<float>());
+  return v[k - 1];
 }
 
 // Order-preserving map of floats to integers (for bisection over huge value ranges).
