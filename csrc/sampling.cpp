@@ -150,7 +150,7 @@ struct Ahead {
   int64_t width = 0;  // bytes per value
   void pull(int64_t values) {
     if (!next) return;
-    const char* stop = std::min(end, next + values * width);
+    const char* stop = next + std::min<int64_t>(values * width, end - next);  // never past the row
     for (; next < stop; next += 64) __builtin_prefetch(next, 0, 2);  // 2: into L2 (prefetcht1)
   }
 };
