@@ -9,7 +9,7 @@
 // of the row); the top-p threshold by bisection on kept mass over those; then one inverse-CDF
 // walk in vocabulary order. Top-p on a whole row (the common case) never stores the row's
 // masses: as each L1-sized block is exponentiated, only the values that can still be kept are
-// compacted (~30% of the row), and every later pass reads those. Masses are summed in double so
+// compacted (~28% of the row), and every later pass reads those. Masses are summed in double so
 // decisions match the float64 reference except within float rounding of a boundary.
 //
 // Rows run in parallel (OpenMP); a batch smaller than the thread count also splits each row's
@@ -662,7 +662,6 @@ struct Batch {
   void write(int64_t r, RowResult res) const { tokens[r] = res.token, logprobs[r] = res.logprob, valid[r] = res.valid; }
 };
 
-// The row as floats: in place for fp32, widened into `wide` otherwise; returns max stats.
 // The max stats of row r's values [begin, end) (begin a multiple of kSub), and the max of each
 // kSub block in block_max[begin / kSub ...]. 16-bit rows are widened into wide[begin, end).
 MaxStats scan(const Batch& b, int64_t r, int64_t begin, int64_t end, float* wide, float* block_max) {
