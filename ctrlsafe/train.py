@@ -803,7 +803,10 @@ def build_objective(args, rows: list[dict], tokens: Tokens, cfg: TrainConfig, d:
 def run(args) -> int:
     from transformers import AutoTokenizer
 
+    from .convert import resolve_model
+
     check_args(args)
+    args.model = resolve_model(args.model)
     d = init_distributed(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

