@@ -119,8 +119,15 @@ class Engine:
         self.eos_token_ids = self._resolve_eos(eos_token_ids)
         self.device = model.embed_tokens.weight.device
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.int64, device=self.device)
+        self._suppress = torch.tensor(self._control_token_ids(), dtype=torch.int64, device=self.device)
         self._forward = torch.compile(self._decode_forward, dynamic=True) if compile else self._decode_forward
         self.timings: dict[str, float] = {}  # seconds spent in the last generate(), by phase
+
+    def _control_token_ids(self) -> list[int]:
+        if self.control_spec is None or self.tokenizer is None:
+            return []
+        vocab = self.tokenizer.get_vocab()
+        return [vocab[t] for t in self.control_spec.all_tokens() if t in vocab and vocab[t] < self.model.args.vocab_size]
 
     def _resolve_eos(self, eos_token_ids) -> list[int]:
         """Given ids (int or list), else the model directory's generation_config, else the tokenizer's."""
@@ -294,6 +301,8 @@ class Engine:
             t1 = time.perf_counter()
             if t < req.min_new_tokens and len(self._eos):
                 logits[:, self._eos] = float("-inf")
+            if len(self._suppress):  # a control token is an input, never a response token
+                logits[:, self._suppress] = float("-inf")
             out = sample(logits, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, seed=seeds, step=t)
             self._sync()
             self.timings["sampling"] += time.perf_counter() - t1
