@@ -307,6 +307,8 @@ def _identity(spec: str, hash_weights: bool) -> dict:
         from . import __version__
 
         return {"builtin": spec, "ctrlsafe": __version__}
+    if spec.startswith("judge:"):
+        spec = spec[len("judge:"):].partition("#")[0]
     path = Path(spec)
     if not path.exists() and ":" in spec:
         import importlib.util

@@ -455,6 +455,10 @@ def load_scorer(spec: str, **kw):
 
     if spec in BUILTIN_SCORERS:
         return BUILTIN_SCORERS[spec]
+    if spec.startswith("judge:"):
+        from .judge import load_judge
+
+        return load_judge(spec, **kw)
     path, _, head = spec.partition("#")
     if Path(path).is_dir():
         rm = RewardModel.from_pretrained(path, **kw)

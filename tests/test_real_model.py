@@ -133,3 +133,25 @@ def test_fresh_control_rows_barely_perturb_smollm2(smollm2, hf):
 
     default, mean = first_token_kl("template"), first_token_kl("mean")
     assert default < 1.0 and default < mean / 5, (default, mean)
+
+
+def test_smollm2_refusal_judge_on_xstest_human_labels(smollm2):
+    """`judge:DIR` scores with one forward per pair; validated honestly on XSTest's human-labelled
+    GPT-4 completions (refusal = full or partial refusal). SmolLM2-135M is no judge: on all 450
+    it reaches accuracy 0.444 at log-odds 0 and AUC 0.494, chance level (base rate 0.489). This
+    pins the figure measured on an evenly spaced 24-row subset, so a change to the template or
+    the scoring shows up."""
+    import csv
+
+    from conftest import shared_path
+
+    from ctrlsafe.reward import load_scorer
+
+    with open(shared_path("data", "xstest", "xstest_v2_completions_gpt4_streval.csv")) as f:
+        rows = list(csv.DictReader(f))[::19][:24]
+    judge = load_scorer(f"judge:{smollm2}#refusal")
+    scores = judge([r["prompt"] for r in rows], [r["completion"] for r in rows])
+    truth = [r["final_label"] != "1_full_compliance" for r in rows]
+    accuracy = sum((s > 0) == t for s, t in zip(scores, truth)) / len(rows)
+    print(f"judge accuracy on the subset: {accuracy:.3f}")
+    assert accuracy == pytest.approx(0.5, abs=1 / 24 + 1e-9)  # 12/24 measured; one row may flip on another CPU
