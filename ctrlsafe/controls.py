@@ -214,17 +214,13 @@ def init_rows(model, ids: list[int], sources: list[list[int] | None] | None = No
               noise_std: float = 0.01, seed: int = 0) -> None:
     """Grow the vocabulary to cover `ids` and set each one's embedding (and untied head) row to
     the mean of its source rows (None: of all other rows; []: zero) plus small Gaussian noise
-    (so rows that start equal can still be told apart by training)."""
-    need = max(ids) + 1
-    if need > model.args.vocab_size:
-        model.resize_vocab(need)
+    (so rows that start equal can still be told apart by training). `model` is a
+    ctrlsafe.model.Transformer or a transformers PreTrainedModel."""
+    weights = _grown_vocab_weights(model, max(ids) + 1)
     g = torch.Generator().manual_seed(seed)
     idx = torch.tensor(ids)
-    others = torch.ones(model.args.vocab_size, dtype=torch.bool)
+    others = torch.ones(weights[0].shape[0], dtype=torch.bool)
     others[idx] = False
-    weights = [model.embed_tokens.weight]
-    if not model.args.tie_word_embeddings:
-        weights.append(model.lm_head.weight)
     sources = sources or [None] * len(ids)
     for w in weights:
         mean = w[others.to(w.device)].float().mean(0).cpu()
@@ -232,3 +228,15 @@ def init_rows(model, ids: list[int], sources: list[list[int] | None] | None = No
                              for s in sources])
         noise = noise_std * mean.abs().mean() * torch.randn(len(ids), w.shape[1], generator=g)
         w[idx.to(w.device)] = (start + noise).to(w.dtype).to(w.device)
+
+
+def _grown_vocab_weights(model, need: int) -> list[torch.Tensor]:
+    """The embedding (and, when untied, output head) weights, grown to at least `need` rows."""
+    if hasattr(model, "get_input_embeddings"):  # transformers: its own resize keeps ties and config
+        if need > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(need, mean_resizing=False)
+        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+        return [emb] if head is None or head.weight is emb else [emb, head.weight]
+    if need > model.args.vocab_size:
+        model.resize_vocab(need)
+    return [model.embed_tokens.weight] + ([] if model.args.tie_word_embeddings else [model.lm_head.weight])

@@ -155,3 +155,20 @@ def test_smollm2_refusal_judge_on_xstest_human_labels(smollm2):
     accuracy = sum((s > 0) == t for s, t in zip(scores, truth)) / len(rows)
     print(f"judge accuracy on the subset: {accuracy:.3f}")
     assert accuracy == pytest.approx(0.5, abs=1 / 24 + 1e-9)  # 12/24 measured; one row may flip on another CPU
+
+
+def test_add_to_a_transformers_model(smollm2, hf):
+    """ControlSpec.add_to works on a transformers model as on ours: the vocabulary grows, ties
+    stay tied, and the rows equal the ones our model gets (same rule, same seed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ctrlsafe.controls import ControlSpec
+
+    spec = ControlSpec()
+    model, tok = AutoModelForCausalLM.from_pretrained(smollm2), AutoTokenizer.from_pretrained(smollm2)
+    ids = spec.add_to(tok, model)
+    ours, tok2 = Transformer.from_pretrained(smollm2), AutoTokenizer.from_pretrained(smollm2)
+    assert spec.add_to(tok2, ours) == ids
+    assert model.get_input_embeddings().weight.shape[0] == max(ids) + 1
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    torch.testing.assert_close(model.get_input_embeddings().weight[ids], ours.embed_tokens.weight[ids])
