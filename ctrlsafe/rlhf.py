@@ -448,7 +448,7 @@ def run_rl(args, model, tokens, table, manifest, cfg, d, out: Path, ckpt: Path |
     objective = PPO(value_head, args.clip_eps, args.value_clip, args.vf_coef, args.temperature)
     per_rollout = args.ppo_epochs * (args.rollout_prompts * args.rollout_n // cfg.batch_size)
     trainer = RLTrainer(model, tokens.tok, objective, cfg, d, out, total_steps=args.rollouts * per_rollout,
-                        source_model=args.model, progress=not args.no_progress, value_head=value_head)
+                        source_model=args.model, progress=not args.no_progress, value_head=value_head, control_spec=spec)
     if ckpt:
         trainer.load_checkpoint(ckpt)
         keep_metrics_until(out / "metrics.jsonl", trainer.step)

@@ -435,8 +435,9 @@ def warmup_cosine(step: int, *, lr: float, warmup: int, total: int, min_ratio: f
 
 class Trainer:
     def __init__(self, model: Transformer, tokenizer, objective, cfg: TrainConfig, d: Dist, out: Path,
-                 *, total_steps: int, source_model: str, progress: bool = True):
+                 *, total_steps: int, source_model: str, progress: bool = True, control_spec: ControlSpec | None = None):
         self.model, self.tokenizer, self.objective, self.cfg, self.dist = model, tokenizer, objective, cfg, d
+        self.control_spec = control_spec
         self.out, self.total_steps, self.source_model, self.progress = out, total_steps, source_model, progress
         self.policy = SequenceLogprobs(model)
         if d.world > 1:
@@ -519,8 +520,16 @@ class Trainer:
         self.model.save_pretrained(path, extra_tensors=self.extra_tensors())
         self.tokenizer.save_pretrained(path)
         gen = Path(self.source_model) / "generation_config.json"
-        if gen.is_file():
-            shutil.copy(gen, path / "generation_config.json")
+        config = json.loads(gen.read_text()) if gen.is_file() else {}
+        if self.control_spec is not None:
+            # HF generate must never write a control token: they are inputs, set after the prompt
+            ids = sorted(self.tokenizer.convert_tokens_to_ids(self.control_spec.all_tokens()))
+            config["suppress_tokens"] = ids
+            config["bad_words_ids"] = [[i] for i in ids]
+            (path / CONTROL_SPEC_FILE).write_text(json.dumps(self.control_spec.to_dict(), indent=2) + "\n")
+            (path / "README.md").write_text(model_card(self.control_spec, self.source_model, self.cfg))
+        if config:
+            (path / "generation_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def save_checkpoint(self, extra_state: dict | None = None) -> Path | None:
         final = self.out / f"checkpoint-{self.step:06d}"
@@ -563,6 +572,21 @@ class Trainer:
             torch.cuda.set_rng_state_all(cuda)
         self.step = state["step"]
         return state
+
+
+CONTROL_SPEC_FILE = "control_spec.json"
+
+
+def model_card(spec: ControlSpec, source_model: str, cfg) -> str:
+    """A short README for the trained directory: what the control tokens are and how to use them."""
+    example = spec.format({a: spec.levels - 1 for a in spec.attributes})
+    return (f"---\nlibrary_name: transformers\ntags: [ctrlsafe, controllable-generation]\n---\n\n"
+            f"# Controllable model trained with ctrlsafe\n\nBase model: `{source_model}`. Training config: "
+            f"`{json.dumps(asdict(cfg), default=str)}`.\n\n"
+            f"Control tokens: attributes {list(spec.attributes)}, levels 0..{spec.levels - 1} "
+            f"(`{CONTROL_SPEC_FILE}`). Put them right after the chat-templated prompt, before the response:\n\n"
+            f"```python\nids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + {example!r}\n```\n\n"
+            f"`generation_config.json` suppresses the control tokens, so `generate` never writes one.\n")
 
 
 def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
@@ -843,7 +867,7 @@ def run(args) -> int:
     else:
         total = args.max_steps if args.max_steps is not None else max(1, int(args.epochs * data.steps_per_epoch))
     trainer = Trainer(model, tok, objective, cfg, d, out, total_steps=total, source_model=args.model,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, control_spec=spec)
     if ckpt:
         trainer.load_checkpoint(ckpt)
         if d.main:

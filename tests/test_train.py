@@ -287,6 +287,13 @@ def test_checkpoint_loads_in_transformers(small_policy, tmp_path):
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max() <= 1e-5
     assert hf.config.vocab_size == len(tok) > max(ids)
+    # the directory says what its control tokens are, and HF generate never writes one
+    assert json.loads((out / "control_spec.json").read_text()) == SPEC.to_dict()
+    assert "control tokens" in (out / "README.md").read_text().lower()
+    control = set(tok.convert_tokens_to_ids(SPEC.all_tokens()))
+    gen = hf.generate(x, max_new_tokens=12, do_sample=True, temperature=5.0, top_k=0)[0, x.shape[1]:]
+    assert not control & set(gen.tolist())
+    assert set(hf.generation_config.suppress_tokens) == control
 
 
 @pytest.mark.parametrize("case, match", [
