@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,9 +87,18 @@ def _generation_fields(config, tok) -> dict:
             "pad_token_id": config.pad_token_id if config.pad_token_id is not None else eos[0]}
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def resolve_model(spec: str | None) -> str | None:
-    """A model argument as a directory: a `.gguf` file becomes its cached conversion."""
-    if spec is None or not str(spec).endswith(".gguf"):
+    """A model argument as a directory: a `.gguf` file becomes its cached conversion; a hub id
+    (`org/name`) that is not a local path becomes its snapshot in the local Hugging Face cache
+    (never downloaded: the error says so)."""
+    if spec is None:
+        return spec
+    if not Path(spec).exists() and _HUB_ID.fullmatch(str(spec)):
+        return _hub_snapshot(str(spec))
+    if not str(spec).endswith(".gguf"):
         return spec
     path = Path(spec)
     if not path.is_file():
@@ -104,6 +114,17 @@ def resolve_model(spec: str | None) -> str | None:
             if not (out / "config.json").is_file():  # another process (rank) finished it first: fine
                 raise
     return str(out)
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"model {repo_id!r} is not a directory and not in the local Hugging Face cache "
+                                f"(ctrlsafe never downloads from a hub; download it first, or give a directory)") from None
 
 
 def smollm2(root: Path | None = None) -> Path:

@@ -309,6 +309,10 @@ def _identity(spec: str, hash_weights: bool) -> dict:
         return {"builtin": spec, "ctrlsafe": __version__}
     if spec.startswith("judge:"):
         spec = spec[len("judge:"):].partition("#")[0]
+    if ":" not in spec:
+        from .convert import resolve_model
+
+        spec = resolve_model(spec.partition("#")[0])
     path = Path(spec)
     if not path.exists() and ":" in spec:
         import importlib.util

@@ -459,7 +459,11 @@ def load_scorer(spec: str, **kw):
         from .judge import load_judge
 
         return load_judge(spec, **kw)
+    from .convert import resolve_model
+
     path, _, head = spec.partition("#")
+    if ":" not in path:
+        path = resolve_model(path)
     if Path(path).is_dir():
         rm = RewardModel.from_pretrained(path, **kw)
         return (rm, head) if head else rm

@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct, a real chat model, converted from its shipped GGUF: our model equals
 transformers' on the converted directory, and the conversion is an ordinary HF directory."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,24 @@ def test_add_to_a_transformers_model(smollm2, hf):
     assert model.get_input_embeddings().weight.shape[0] == max(ids) + 1
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     torch.testing.assert_close(model.get_input_embeddings().weight[ids], ours.embed_tokens.weight[ids])
+
+
+def test_hub_id_from_the_local_cache(smollm2, tmp_path, monkeypatch):
+    """A hub id whose snapshot is in the local HF cache resolves to it (offline); one that is not
+    there is a clear error that says nothing is downloaded."""
+    import huggingface_hub.constants as hc
+
+    from ctrlsafe.convert import resolve_model
+
+    snap = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in smollm2.iterdir():
+        (snap / f.name).symlink_to(f)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    got = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert Path(got).resolve() == snap.resolve()
+    assert Transformer.from_pretrained(got).args.num_hidden_layers == 30
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache.*never downloads"):
+        resolve_model("nobody/no-such-model")
