@@ -3,6 +3,7 @@
 Logits: fp32 [B, V], N(0, 3^2) per entry (seed 0; real LLM logits have a similar spread), for
 B in {1, 8, 64, 256} x V in {32000, 128256}. Two parameter sets:
   (a) temperature 0.8 + top_k 50 + top_p 0.9     (b) top_p 0.9 alone (temperature 1)
+  (flat) top_p 0.9 alone at temperature 0.8 on N(0, 1) logits (issue 17: a flat distribution)
 Providers, all timed interleaved in one run:
   ctrlsafe cpu   ctrlsafe.sampling.sample(..., backend="cpu"): the C++ kernel (no sort)
   reference      the same API on the float64 sort-based oracle
@@ -26,7 +27,10 @@ from ctrlsafe.sampling import sample
 
 FULL_SHAPES = [(B, V) for V in (32000, 128256) for B in (1, 8, 64, 256)]
 QUICK_SHAPES = [(1, 32000), (64, 32000)]
-CASES = {"a": dict(temperature=0.8, top_k=50, top_p=0.9), "b": dict(temperature=1.0, top_k=0, top_p=0.9)}
+CASES = {"a": dict(temperature=0.8, top_k=50, top_p=0.9), "b": dict(temperature=1.0, top_k=0, top_p=0.9),
+         "flat": dict(temperature=0.8, top_k=0, top_p=0.9)}
+# logits std per case: "flat" is top-p alone on N(0, 1) logits (issue 17: most of the row near the cut)
+STD = {"a": 3.0, "b": 3.0, "flat": 1.0}
 
 
 def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
@@ -73,7 +77,7 @@ def case_rows(case: str, B: int, V: int, reps: int, device: str) -> list[Row]:
     params = CASES[case]
     T, k, p = params["temperature"], params["top_k"], params["top_p"]
     g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(B, V, generator=g) * 3).to(device)
+    logits = (torch.randn(B, V, generator=g) * STD[case]).to(device)
     t_rows, p_rows = torch.full((B,), T, device=device), torch.full((B,), p, device=device)
     k_rows = torch.full((B,), k, device=device) if k else None
     warpers = [TemperatureLogitsWarper(T)] + ([TopKLogitsWarper(k)] if k else []) + [TopPLogitsWarper(p)]
@@ -138,7 +142,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
         for case in CASES:
             rows += case_rows(case, B, V, reps, device)
     print("targets (issue 3): B64 V128256 >= 25% of the plain read, (a) >= 1.5x topk, (b) >= 50x vllm-sort; "
-          "B1 not slower than topk")
+          "B1 not slower than topk; (flat) >= 50x vllm-sort (issue 17)")
     return rows
 
 

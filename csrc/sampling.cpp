@@ -351,7 +351,7 @@ void reserve(Compacted& c, int64_t n, bool masses) {
 // Per-thread buffers, reused across calls (no allocation once warm).
 struct Scratch {
   std::vector<float> wide, e, block_max;
-  std::vector<double> later;
+  std::vector<double> later, hist;
   Compacted cand;
   std::vector<double> blocks;
   Compacted kbuf;
@@ -444,11 +444,12 @@ inline float key_float(int32_t k) {
 // the mass (Illinois variant: an end kept twice has its weight gap halved, so neither end
 // stalls); over a huge value range it bisects the float bit patterns instead. Once few values
 // remain between lo and hi they are sorted and walked exactly.
+// at_hi is the tally at hi (zero when hi is above every value).
 float weighted_threshold(const float* x, const float* w, int64_t n, float lo, Tally at_lo, float hi, double target,
-                         Scratch& s) {
-  double w_lo = at_lo.mass, w_hi = 0.0;  // tallies at the ends
-  double f_lo = w_lo - target, f_hi = -target;  // regula falsi values (halved by Illinois)
-  int64_t c_lo = at_lo.count, c_hi = 0;
+                         Scratch& s, Tally at_hi = {0.0, 0}) {
+  double w_lo = at_lo.mass, w_hi = at_hi.mass;  // tallies at the ends
+  double f_lo = w_lo - target, f_hi = w_hi - target;  // regula falsi values (halved by Illinois)
+  int64_t c_lo = at_lo.count, c_hi = at_hi.count;
   int side = 0;  // +1 if lo moved last, -1 if hi did
   while (c_lo - c_hi > kSmall) {
     const double f = std::clamp(f_lo / (f_lo - f_hi), 1.0 / 256, 255.0 / 256);
@@ -482,6 +483,40 @@ float weighted_threshold(const float* x, const float* w, int64_t n, float lo, Ta
     i = j;
   }
   return buf.empty() ? lo : buf.back().first;  // rounding left the walk just short of target
+}
+
+// Bounds on the top-p cut in mass from one pass over the candidate masses e: a histogram of
+// their mass by the top bits of the float (exponent and 6 mantissa bits: 64 buckets per octave),
+// walked from the top. lo_e is the lower edge of the bucket where the mass from the top first
+// reaches target (with a margin for the histogram's sums), so {e >= lo_e} keeps top_p; hi_e is
+// that bucket's upper edge when the mass above it is short of target (else 0). Robust to flat
+// rows, where the bound from the sum keeps most of the row. False when the range is too wide.
+HOT bool mass_histogram_bounds(const float* e, int64_t n, double theta, double target, Scratch& s, double& lo_e,
+                               double& hi_e) {
+  constexpr int kShift = 17;
+  const int32_t base = __builtin_bit_cast(int32_t, float(theta * 0.25)) >> kShift;
+  const int32_t top = __builtin_bit_cast(int32_t, 2.0f) >> kShift;  // masses are <= 1 (up to rounding)
+  const int64_t nb = int64_t(top) - base + 1;
+  if (!(theta > 0.0) || nb < 2 || nb > (1 << 14)) return false;
+  std::vector<double>& h = s.hist;
+  h.assign(nb, 0.0);
+  double* hp = h.data();
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t k = (__builtin_bit_cast(int32_t, e[i]) >> kShift) - base;
+    k = k < 0 ? 0 : (k > nb - 1 ? int32_t(nb - 1) : k);  // below theta / 4 (and zeros): bucket 0, never an edge
+    hp[k] += double(e[i]);
+  }
+  double cum = 0.0;
+  for (int64_t b = nb - 1; b > 0; --b) {
+    const double above = cum;
+    cum += hp[b];
+    if (cum >= target * (1 + 1e-4)) {
+      lo_e = double(__builtin_bit_cast(float, int32_t((b + base) << kShift)));
+      hi_e = above < target * (1 - 1e-4) ? double(__builtin_bit_cast(float, int32_t((b + 1 + base) << kShift))) : 0.0;
+      return lo_e > 0.0;
+    }
+  }
+  return false;
 }
 
 struct RowParams {
@@ -590,6 +625,7 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
     floor = std::max(floor, tm);
   }
   double top_p_target = 0.0;
+  float ceil_x = kInf;  // when finite, an upper bound on the top-p cut in x (checked below)
   if (p.top_p < 1.0f) {
     // The top-k survivors' mass (z_all when nothing was cut, or the working set is the survivors).
     const Tally kept = tau == -kInf || wi ? Tally{z_all, whole_top_p ? n : wn} : tally(wx, e, wn, std::max(tau, st.min));
@@ -601,7 +637,13 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
     // On a whole row, one more pass (over the candidates) raises that bound to the largest of a
     // few values spaced evenly in log e above it that still keep top_p of the mass (with a
     // margin for float sums).
-    if (whole_top_p) {
+    // On a flat row (many candidates) a histogram of the candidates' masses brackets the cut to
+    // 1/64 octave instead, from above too.
+    double lo_e = 0.0, hi_e = 0.0;
+    if (whole_top_p && wn > n / 8 && mass_histogram_bounds(e, wn, theta, top_p_target, s, lo_e, hi_e)) {
+      theta = std::max(theta, lo_e);
+      if (hi_e > 0.0) ceil_x = float(double(m) + double(p.temperature) * (std::log(hi_e) + 1e-3));
+    } else if (whole_top_p) {
       float t[kProbes];
       double above[kProbes];
       for (int j = 0; j < kProbes; ++j) t[j] = float(std::pow(theta, 1.0 - double(j + 1) / (kProbes + 1)));
@@ -626,8 +668,16 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
     const float lo = std::max(floor, st.min);
     const Tally at_lo = tally(wx, e, wn, lo);
     // Less than the target above lo means a top-k or min-p floor already cuts deeper than top-p.
-    if (at_lo.mass >= top_p_target)
-      tau = std::max(tau, weighted_threshold(wx, e, wn, lo, at_lo, above_max, top_p_target, s));
+    if (at_lo.mass >= top_p_target) {
+      // an upper end of the bracket, used only if it is one (its mass exactly short of target)
+      Tally at_hi{0.0, 0};
+      float hi = above_max;
+      if (ceil_x > lo && ceil_x < above_max) {
+        const Tally t = tally(wx, e, wn, ceil_x);
+        if (t.mass < top_p_target) hi = ceil_x, at_hi = t;
+      }
+      tau = std::max(tau, weighted_threshold(wx, e, wn, lo, at_lo, hi, top_p_target, s, at_hi));
+    }
   }
   auto [pos, prob] = inverse_cdf(wx, e, wn, tau, double(p.uniform), s.blocks);
   return {wi ? wi[pos] : pos, float(std::log(prob)), true};

@@ -129,6 +129,21 @@ def test_cpu_top_p_candidate_bound_layouts(V, B):
                 assert assert_matches_reference(cpu, logits, *params) <= 1, (name, top_p, T)
 
 
+@pytest.mark.parametrize("V, B", [(4097, 8), (128256, 2), (70000, 1)])
+def test_cpu_top_p_on_flat_rows(V, B):
+    """Flat rows (std 1 and 0.1 logits, all equal, an equal row with one -inf stretch) keep most of
+    the vocabulary, which takes the histogram bound path: top-p there returns the reference's
+    tokens, on the row-parallel and the split-row (B = 1) paths."""
+    g = torch.Generator().manual_seed(V)
+    rows = {"std1": torch.randn(B, V, generator=g), "std0.1": 0.1 * torch.randn(B, V, generator=g),
+            "equal": torch.zeros(B, V), "equal+masked": torch.zeros(B, V).index_fill_(1, torch.arange(V // 3), float("-inf"))}
+    for name, logits in rows.items():
+        for top_p in (0.3, 0.8, 0.9, 0.999):
+            params = (torch.full((B,), 0.8), torch.zeros(B, dtype=torch.int64), torch.full((B,), top_p), torch.zeros(B),
+                      torch.rand(B, generator=g))
+            assert assert_matches_reference(cpu, logits, *params) <= 1, (name, top_p)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cpu_half_precision_logits(dtype):
     """fp16 / bf16 logits are read in place and agree with the reference on the same values."""
