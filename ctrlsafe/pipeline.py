@@ -166,8 +166,11 @@ def run(args) -> int:
         return _run(args, rank, world)
     finally:
         if world > 1:
+            import gc
+
             import torch.distributed as dist
 
+            gc.collect()  # see train.Dist.close: free what holds the process group before destroying it
             dist.destroy_process_group()
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -131,6 +132,13 @@ class Dist:
     def barrier(self):
         if self.world > 1:
             dist.barrier()
+
+    def close(self):
+        if self.world > 1 and dist.is_initialized():
+            # DDP and pending gloo work hold the process group: free them now, while the interpreter
+            # is whole — gloo's worker threads torn down at exit abort the process (SIGABRT)
+            gc.collect()
+            dist.destroy_process_group()
 
 
 def init_distributed(device: str | None) -> Dist:
@@ -825,13 +833,22 @@ def build_objective(args, rows: list[dict], tokens: Tokens, cfg: TrainConfig, d:
 
 
 def run(args) -> int:
-    from transformers import AutoTokenizer
-
     from .convert import resolve_model
 
     check_args(args)
     args.model = resolve_model(args.model)
     d = init_distributed(args.device)
+    try:
+        _train(args, d)
+        d.barrier()  # rank 0 has saved the model before any rank leaves
+    finally:
+        d.close()
+    return 0
+
+
+def _train(args, d: Dist) -> None:
+    from transformers import AutoTokenizer
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig.from_args(args)
@@ -857,7 +874,7 @@ def run(args) -> int:
     if args.objective in ("ppo", "rloo"):
         from .rlhf import run_rl
 
-        return finish(run_rl(args, model, tokens, table, manifest, cfg, d, out, ckpt), d, out)
+        return save(run_rl(args, model, tokens, table, manifest, cfg, d, out, ckpt), d, out)
     objective, data = build_objective(args, table.to_pylist(), tokens, cfg, d)
     if tokens.truncated and d.main:
         print(f"ctrlsafe train: {tokens.truncated} responses cut to --max-length {args.max_length}")
@@ -886,13 +903,9 @@ def run(args) -> int:
         run_raft(args, trainer, tokens, table, cfg, d, out)
     else:
         trainer.run(data, until=total)
-    return finish(trainer, d, out)
+    save(trainer, d, out)
 
 
-def finish(trainer: Trainer, d: Dist, out: Path) -> int:
+def save(trainer: Trainer, d: Dist, out: Path) -> None:
     if d.main:
         trainer.save_model(out)
-    d.barrier()
-    if d.world > 1:
-        dist.destroy_process_group()
-    return 0
