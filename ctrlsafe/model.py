@@ -131,6 +131,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def attention(q, k, v, mask=None, *, causal=False, expand_kv: bool | None = None):
+    """SDPA on [B,H,T,D] queries and [B,Hkv,S,D] keys/values (GQA when Hkv < H).
+
+    Pass no mask where none is needed (decode, or causal from position 0). On CUDA only the
+    flash kernel takes GQA, and it takes neither a mask nor fp32; anywhere else SDPA would fall
+    back to the math backend and its full score matrix, so K/V are expanded to H heads for the
+    memory-efficient kernel instead. expand_kv: None = that rule; CPU kernels take masked GQA
+    in every dtype without a copy.
+    """
+    gqa = k.shape[1] != q.shape[1]
+    if expand_kv is None:
+        flash = mask is None and q.dtype in (torch.float16, torch.bfloat16)
+        expand_kv = q.is_cuda and not flash
+    if gqa and expand_kv:
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -149,7 +168,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = attention(q, k, v, causal=True)
         else:
             out = cache.attend(self.layer, q, k, v, positions)
         if keep is not None:  # [B] one position per row: the rest of the layer runs on those alone
@@ -327,9 +346,11 @@ class KVCache:
         if layer == len(self.k) - 1:
             self.length = start + t
         keys, vals = self.k[layer][:, :, : start + t], self.v[layer][:, :, : start + t]
-        # causal within the new block, full attention to everything cached before it
+        if start == 0 or t == 1:  # plain causal prefill, or one new token that sees everything
+            return attention(q, keys, vals, causal=start == 0 and t > 1)
+        # a later block: causal within it, full attention to everything cached before it
         mask = torch.ones(t, start + t, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=True)
+        return attention(q, keys, vals, mask)
 
 
 # -- file helpers ------------------------------------------------------------------------------

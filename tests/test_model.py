@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from ctrlsafe.model import KVCache, Transformer
+from ctrlsafe.model import KVCache, Transformer, attention
 
 CONFIGS = {
     # GQA 4:2, untied, odd sizes
@@ -60,7 +60,8 @@ def test_save_roundtrip_loads_in_transformers(name, tmp_path):
 
 
 def test_kv_cache_decoding_matches_full_forward(tmp_path):
-    """Prefill + one-token steps through KVCache give the logits of one full forward pass."""
+    """Prefill (causal, no mask), a later 3-token block (the masked path) and one-token steps
+    (no mask) through KVCache give the logits of one full forward pass."""
     hf_model("llama-gqa", tmp_path)
     model = Transformer.from_pretrained(tmp_path / "llama-gqa")
     ids = torch.randint(0, 97, (3, 12))
@@ -68,7 +69,8 @@ def test_kv_cache_decoding_matches_full_forward(tmp_path):
         full = model(ids)
         cache = KVCache(model.args, 3, 16)
         steps = [model(ids[:, :5], torch.arange(5).expand(3, 5), cache)]
-        for t in range(5, 12):
+        steps.append(model(ids[:, 5:8], torch.arange(5, 8).expand(3, 3), cache))
+        for t in range(8, 12):
             steps.append(model(ids[:, t : t + 1], torch.full((3, 1), t), cache))
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
 
@@ -151,3 +153,30 @@ def test_refuses_pickle_and_unknown_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM"):
         Transformer.from_pretrained(tmp_path)
+
+
+def _attention_fp64(q, k, v, mask):
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    s = q.double() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    return (s.masked_fill(~mask, float("-inf")).softmax(-1) @ v).float()
+
+
+@pytest.mark.parametrize("t,s_len", [(1, 1), (1, 33), (7, 7), (7, 40), (33, 33)])
+@pytest.mark.parametrize("expand_kv", [False, True])
+def test_attention_helper_matches_reference(t, s_len, expand_kv):
+    """attention() on GQA (9 query heads over 3 KV heads) equals fp64 softmax attention, with a
+    padding+causal mask (K/V expanded or not: the CUDA and CPU routes), and causal=True from
+    position 0 equals the explicit lower-triangular mask."""
+    g = torch.Generator().manual_seed(t * 100 + s_len)
+    q = torch.randn(2, 9, t, 16, generator=g)
+    k, v = torch.randn(2, 3, s_len, 16, generator=g), torch.randn(2, 3, s_len, 16, generator=g)
+    mask = torch.ones(t, s_len, dtype=torch.bool).tril(diagonal=s_len - t).expand(2, 1, t, s_len).clone()
+    mask[1, ..., 0] = False  # row 1's first key is padding
+    mask[1, ..., -1] = True  # keep every query row attending to something
+    got = attention(q, k, v, mask, expand_kv=expand_kv)
+    assert (got - _attention_fp64(q, k, v, mask)).abs().max() <= 1e-5
+    if t == s_len:
+        causal = torch.ones(t, t, dtype=torch.bool).tril().expand(2, 1, t, t)
+        got = attention(q, k, v, causal=True, expand_kv=expand_kv)
+        assert (got - _attention_fp64(q, k, v, causal)).abs().max() <= 1e-5

@@ -354,3 +354,19 @@ def test_score_command(tmp_path, tiny_preset, capsys):
     data.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "x"}) + "\n")
     assert cli.main(args + ["--out", str(tmp_path / "c.jsonl")]) == 2
     assert "pairs.jsonl:line 2: field 'response' must be a string" in capsys.readouterr().err
+
+
+def test_batch_tokens_default_and_gpu_sizing(tiny_preset):
+    """On a CPU the scoring budget is BATCH_TOKENS; the GPU rule grows with free memory inside
+    2048..65536 (a 7B-like shape on 80 GB free gets the cap, on 1 GB the floor); 0 is refused."""
+    from types import SimpleNamespace
+
+    from ctrlsafe.reward import BATCH_TOKENS, batch_tokens_for_memory, default_batch_tokens
+
+    rm = RewardModel.from_pretrained(tiny_preset.reward_models["helpful"])
+    assert default_batch_tokens(rm.model) == BATCH_TOKENS
+    big = SimpleNamespace(hidden_size=4096, intermediate_size=11008)
+    sizes = [batch_tokens_for_memory(gb << 30, big, 2) for gb in (1, 8, 20, 80)]
+    assert sizes[0] == 2048 and sizes[-1] == 65536 and sizes == sorted(sizes) and 2048 < sizes[1] < 65536
+    with pytest.raises(ValueError, match="batch_tokens must be >= 1"):
+        rm.score_ids([[1, 2]], [[3]], batch_tokens=0)
