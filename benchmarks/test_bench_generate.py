@@ -4,27 +4,27 @@
 """
 import pytest
 
-from ctrlsafe.benchmarks.bench_generate import FULL, PROVIDERS, QUICK, save_model
+from ctrlsafe.benchmarks.bench_generate import FULL, PROVIDERS, QUICK, rows_of, save_model
 
 
 @pytest.fixture(scope="module")
-def work_and_path(request, tmp_path_factory):
-    work = FULL if request.config.getoption("--bench-full") else QUICK
-    path = tmp_path_factory.mktemp("bench_generate") / "model"
-    save_model(work, path)
-    return work, path
+def case(request, tmp_path_factory):
+    """Full: SmolLM2-135M workload B (the multi-suffix shape); quick: the tiny model's B."""
+    model, work = FULL[2] if request.config.getoption("--bench-full") else QUICK[0]
+    path = tmp_path_factory.mktemp("bench_generate") / model.name
+    save_model(model, path)
+    return model, work, path
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_generate(bench, device, work_and_path, provider):
-    """prompts x controls x samples x new tokens (min = max) with each provider; the run must
+def test_generate(bench, device, case, provider):
+    """prompts x suffixes x samples x new tokens (min = max) with each provider; the run must
     yield every requested sequence at full length."""
     if device != "cpu":
         pytest.skip("bench_generate compares against transformers on the CPU only")
-    work, path = work_and_path
-    out = bench(PROVIDERS[provider](work, path))
-    rows = work.prompts * work.controls * work.n
+    model, work, path = case
+    out = bench(PROVIDERS[provider](model, work, path))
     if provider == "ctrlsafe":
-        assert len(out) == rows and all(len(c.token_ids) == work.new_tokens for c in out)
+        assert len(out) == rows_of(work) and all(len(c.token_ids) == work.new_tokens for c in out)
     else:
-        assert tuple(out.shape) == (rows, work.prompt_len + work.control_len + work.new_tokens)
+        assert out.shape[0] == rows_of(work) and (out[:, -work.new_tokens :] != 0).any()
