@@ -572,14 +572,10 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
   if (st.bad || st.max == -kInf) return {-1, std::numeric_limits<float>::quiet_NaN(), false};
   Scratch& s = scratch();
   const float m = st.max, above_max = std::nextafter(m, kInf);
-  if (p.temperature == 0.0f) {  // greedy: argmax (first on ties), untempered log-softmax
+  if (p.temperature == 0.0f) {  // greedy: argmax (first on ties), drawn with probability 1
     int64_t tok = 0;
     while (x[tok] != m) ++tok;
-    if (!e_row) {
-      s.e.resize(n);
-      z_row = exp_sum(x, s.e.data(), n, m, 1.0, ahead);
-    }
-    return {tok, float(-std::log(z_row)), true};
+    return {tok, 0.0f, true};
   }
   const double invt = 1.0 / double(p.temperature);
 
@@ -764,7 +760,7 @@ void run_split(const Batch& b) {
     for (const MaxStats& c : cst) st.max = std::max(st.max, c.max), st.min = std::min(st.min, c.min), st.bad |= c.bad;
     // The exp pass pays off in parallel unless top-k (small k) will skip it.
     const bool k_small = p.temperature != 0.0f && p.top_k > 0 && p.top_k * 16 <= b.V;
-    const bool do_exp = !st.bad && st.max != -kInf && !k_small;
+    const bool do_exp = !st.bad && st.max != -kInf && !k_small && p.temperature != 0.0f;  // greedy needs no masses
     double z = 0.0;
     if (do_exp) {
       const double invt = p.temperature == 0.0f ? 1.0 : 1.0 / double(p.temperature);

@@ -3,7 +3,19 @@
 Every parameter is a scalar or a per-row tensor [B] (FlashInfer-style). Randomness is
 counter-based: row r at step s draws the uniform `counter_uniforms(seed[r], s)`, so a row's
 token never depends on which other rows share its batch, on B, or on the implementation.
-This module imports torch only (never transformers).
+
+Log-probabilities (one meaning for every row and every backend):
+  - `SampleOutput.logprobs`: log P(sample() returns this token), over the row's uniform: the
+    log-probability of the token under the processed distribution it was drawn from (logits / T,
+    then top-k, top-p, min-p, renormalised; `processed_logprobs` gives that whole distribution).
+    Greedy rows (T = 0) choose deterministically, so their logprob is 0.
+  - `SampleOutput.raw_logprobs` (with `raw_logprobs=True`): log_softmax(logits)[token] of the
+    logits as given (no temperature, no filter), for greedy and sampled rows alike.
+  Invalid rows get NaN in both.
+
+FlashInfer-compatible entry points: `top_k_top_p_sampling_from_logits`,
+`top_k_top_p_sampling_from_probs`, `top_p_sampling_from_probs` (same arguments, int32 ids).
+This module imports torch only (never transformers; its adapters are in ctrlsafe.hf_sampling).
 """
 from __future__ import annotations
 
@@ -13,15 +25,19 @@ from typing import NamedTuple
 import torch
 
 from . import _C
-from .ops.sampling import sample_rows
+from .ops.sampling import invalid_rows, kept_masses, sample_rows
 
 _M32 = 0xFFFFFFFF
 
 
 class SampleOutput(NamedTuple):
     tokens: torch.Tensor  # [B] int64, -1 where invalid
-    logprobs: torch.Tensor  # [B] fp32, log p(token) under the final (tempered, filtered) distribution
+    # [B] fp32: log P(sample() returns the token): its log-probability under the processed
+    # (tempered, top-k/top-p/min-p filtered, renormalised) distribution; 0 for greedy rows
+    logprobs: torch.Tensor
     valid: torch.Tensor  # [B] bool, False for rows with NaN / +inf / all -inf logits
+    # [B] fp32 log_softmax(logits)[token] (untempered, unfiltered), or None unless raw_logprobs=True
+    raw_logprobs: torch.Tensor | None = None
 
 
 def sample(
@@ -34,6 +50,7 @@ def sample(
     seed=None,
     step=0,
     uniforms: torch.Tensor | None = None,
+    raw_logprobs: bool = False,
     backend: str | None = None,
 ) -> SampleOutput:
     """Sample one token per row of `logits` [B,V] (fp32, fp16 or bf16).
@@ -41,6 +58,12 @@ def sample(
     temperature 0 = greedy; top_k 0, top_p 1, min_p 0 = off. `seed` (scalar or [B] int) and
     `step` (scalar or [B] int) key the counter-based RNG; seed=None draws seeds from torch's
     global generator. `uniforms` [B] in [0,1) replaces the RNG (tests, custom streams).
+
+    Returns SampleOutput(tokens, logprobs, valid, raw_logprobs). `logprobs` is the log of the
+    probability that this call returns the token: log q(token) for the processed distribution
+    q = `processed_logprobs(...).exp()` the row was drawn from, 0 for greedy rows (the
+    T -> 0 limit away from ties). `raw_logprobs=True` also returns log_softmax(logits)[token]
+    (the model's own log-probability, one extra pass over the logits); otherwise it is None.
     """
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"logits must be [B, V] with V >= 1, got shape {tuple(logits.shape)}")
@@ -62,7 +85,99 @@ def sample(
     else:
         uniforms = _param("uniforms", uniforms, B, torch.float32, device, lambda u: (u >= 0) & (u < 1), "in [0, 1)")
     tokens, logprobs, valid = sample_rows(logits, temperature, top_k, top_p, min_p, uniforms, backend=backend)
-    return SampleOutput(tokens, logprobs, valid)
+    raw = None
+    if raw_logprobs:
+        x = logits.float()
+        raw = x.gather(1, tokens.clamp(min=0)[:, None]).squeeze(1) - torch.logsumexp(x, -1)
+        raw = torch.where(valid, raw, torch.full_like(raw, float("nan")))
+    return SampleOutput(tokens, logprobs, valid, raw)
+
+
+@torch.no_grad()
+def processed_logprobs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
+    """log q [B,V] fp32 of the distribution `sample` draws each row from with these parameters
+    (same rules and validation): log_softmax(logits / T) of the tempered top-k survivors,
+    filtered by top-p and min-p and renormalised; -inf outside the kept set. Greedy rows (T = 0):
+    0 at the argmax (lowest id on ties), -inf elsewhere. Invalid rows: NaN. `sample`'s
+    `logprobs` is this at its token. Sort-based, in float64 (the reference's kept set)."""
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be [B, V] with V >= 1, got shape {tuple(logits.shape)}")
+    B, device = logits.shape[0], logits.device
+    temperature = _param("temperature", temperature, B, torch.float32, device, lambda t: (t >= 0) & (t < float("inf")), ">= 0")
+    top_k = _param("top_k", top_k, B, torch.int64, device, lambda k: k >= 0, ">= 0 (0 = off)")
+    top_p = _param("top_p", top_p, B, torch.float32, device, lambda p: (p > 0) & (p <= 1), "in (0, 1]")
+    min_p = _param("min_p", min_p, B, torch.float32, device, lambda p: (p >= 0) & (p <= 1), "in [0, 1]")
+    x = logits.double()
+    invalid = invalid_rows(x)
+    x = torch.where(invalid[:, None], torch.zeros_like(x), x)
+    q = kept_masses(x, temperature, top_k, top_p, min_p)
+    out = (q / q.sum(-1, keepdim=True)).log()
+    greedy = temperature == 0 if isinstance(temperature, torch.Tensor) else torch.full((B,), temperature == 0, device=device)
+    point = torch.full_like(out, float("-inf")).scatter_(1, x.argmax(-1, keepdim=True), 0.0)
+    out = torch.where(greedy[:, None], point, out)
+    return out.masked_fill(invalid[:, None], float("nan")).float()
+
+
+# -- FlashInfer-compatible entry points ---------------------------------------------------------
+
+def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="top_k_first",
+                                     deterministic=True, generator=None, check_nan=False, seed=None, offset=None,
+                                     *, backend=None):
+    """flashinfer.sampling.top_k_top_p_sampling_from_logits on ctrlsafe's sampler.
+
+    logits [R,V] pre-softmax (fp32/fp16/bf16, no temperature applied here); top_k (int, 0 or
+    >= V = off) and top_p (float, 1 = off) are scalars or one per output [B]; `indices` [B]
+    (int32/int64) maps output i to logits row indices[i] (default: B = R, row i); returns the
+    sampled ids [B] int32 (-1 for a row with NaN / +inf / all -inf logits). Only
+    filter_apply_order="top_k_first" (top-p on the renormalised top-k survivors) is supported.
+    The sampler is always deterministic (`deterministic` is accepted and ignored).
+
+    Randomness: output i uses ctrlsafe's counter RNG with its own seed. With `generator` (a
+    torch.Generator) the B seeds are drawn from it (advancing it, as FlashInfer advances its
+    Philox offset), so a seeded generator reproduces the draws; with `seed` they are drawn from
+    torch.Generator().manual_seed(seed) and `offset` is the counter step (same seed, new offset:
+    fresh draws); with neither, from torch's global generator.
+    """
+    if filter_apply_order != "top_k_first":
+        raise ValueError(f"filter_apply_order={filter_apply_order!r} is not supported; allowed: 'top_k_first'")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    if check_nan and bool(torch.isnan(logits).any()):
+        raise ValueError("Input logits contains NaN.")
+    if indices is not None:
+        if indices.dim() != 1 or indices.is_floating_point() or indices.dtype is torch.bool:
+            raise ValueError(f"indices must be a 1-D integer tensor, got shape {tuple(indices.shape)} dtype {indices.dtype}")
+        indices = indices.to(logits.device, torch.int64)
+        if indices.numel() and not bool(((indices >= 0) & (indices < logits.shape[0])).all()):
+            raise ValueError(f"indices must be in [0, {logits.shape[0]}) (rows of logits)")
+        logits = logits.index_select(0, indices)
+    B = logits.shape[0]
+    step = 0 if offset is None else offset
+    if seed is not None:
+        generator = torch.Generator().manual_seed(int(seed))
+    seeds = None
+    if generator is not None:
+        seeds = torch.randint(0, 2**62, (B,), dtype=torch.int64, generator=generator, device=generator.device).to(logits.device)
+    return sample(logits, top_k=top_k, top_p=top_p, seed=seeds, step=step, backend=backend).tokens.to(torch.int32)
+
+
+def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order="top_k_first",
+                                    deterministic=True, generator=None, check_nan=False, seed=None, offset=None,
+                                    *, backend=None):
+    """flashinfer.sampling.top_k_top_p_sampling_from_probs: as the `_from_logits` form on
+    log(probs) (same kept set and distribution: top-k by probability, top-p on the
+    renormalised survivors; rows need not sum to 1)."""
+    if check_nan and bool(torch.isnan(probs).any()):
+        raise ValueError("Input probs contains NaN.")
+    return top_k_top_p_sampling_from_logits(probs.log(), top_k, top_p, indices, filter_apply_order, deterministic,
+                                            generator, False, seed, offset, backend=backend)
+
+
+def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic=True, generator=None, check_nan=False,
+                              seed=None, offset=None, *, backend=None):
+    """flashinfer.sampling.top_p_sampling_from_probs: top-p (nucleus) sampling from probabilities."""
+    return top_k_top_p_sampling_from_probs(probs, 0, top_p, indices, "top_k_first", deterministic, generator,
+                                           check_nan, seed, offset, backend=backend)
 
 
 def counter_uniforms(seed, step):

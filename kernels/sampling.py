@@ -102,7 +102,7 @@ def _sample_kernel(logits_ptr, stride, V, temp_ptr, top_k_ptr, top_p_ptr, min_p_
     if valid & (~greedy) & (min_p > 0.0):
         tau = tl.maximum(tau, mx + T * tl.log(min_p))
 
-    # Inverse CDF in vocabulary order over {x >= tau} (greedy: the untempered mass, for logprob).
+    # Inverse CDF in vocabulary order over {x >= tau} (unused by greedy rows).
     total = _tally(row, V, tau, tau, mx, invt, True, BLOCK)
     target = u.to(tl.float64) * total
     cum = tl.zeros((), dtype=tl.float64)
@@ -126,7 +126,7 @@ def _sample_kernel(logits_ptr, stride, V, temp_ptr, top_k_ptr, top_p_ptr, min_p_
     token = tl.where(token < 0, last, token)  # u * total rounded up to the full mass
     logprob = tl.log((p_token.to(tl.float64) / total).to(tl.float32))
     token = tl.where(greedy, argmax, token)
-    logprob = tl.where(greedy, -tl.log(total.to(tl.float32)), logprob)
+    logprob = tl.where(greedy, 0.0, logprob)  # greedy draws its token with probability 1
     tl.store(tokens_ptr + pid, tl.where(valid, token, -1).to(tl.int64))
     tl.store(logprobs_ptr + pid, tl.where(valid, logprob, float("nan")))
     tl.store(valid_ptr + pid, valid.to(tl.int8))

@@ -172,7 +172,7 @@ def test_scalar_parameters_equal_per_row_tensors():
     full = lambda v, dt=torch.float32: torch.full((5,), v, dtype=dt)  # noqa: E731
     b = sample(logits, temperature=full(0.7), top_k=full(40, torch.int64), top_p=full(0.8), min_p=full(0.01),
                seed=full(9, torch.int64), step=full(4, torch.int64))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3])) and a.raw_logprobs is b.raw_logprobs is None
 
 
 def _fmix32(h):
@@ -229,12 +229,13 @@ def test_batch_invariance():
 
 
 def test_edge_cases():
-    """Greedy (ties -> lowest id, untempered logprob), top_k=1, top_k >= V, tiny top_p (max and its
-    ties only), min_p = 1, V = 1."""
+    """Greedy (ties -> lowest id, logprob 0, raw logprob the untempered log-softmax), top_k=1,
+    top_k >= V, tiny top_p (max and its ties only), min_p = 1, V = 1."""
     x = torch.tensor([[0.5, 2.0, -1.0, 2.0, 1.9]])
     lsm = torch.log_softmax(x.double(), -1)
-    out = sample(x, temperature=0.0, uniforms=0.999)
-    assert out.tokens.tolist() == [1] and out.logprobs.item() == pytest.approx(lsm[0, 1].item(), rel=1e-6)
+    out = sample(x, temperature=0.0, uniforms=0.999, raw_logprobs=True)
+    assert out.tokens.tolist() == [1] and out.logprobs.item() == 0.0
+    assert out.raw_logprobs.item() == pytest.approx(lsm[0, 1].item(), rel=1e-6)
     for u in (0.0, 0.3, 0.999):
         assert sample(x, top_k=1, uniforms=u).tokens.tolist() in ([1], [3])  # the two tied maxima
         assert sample(x, top_p=1e-9, uniforms=u).tokens.tolist() == ([1] if u < 0.5 else [3])

@@ -8,10 +8,11 @@ logprobs fp32, valid bool). The kept set of a row is, on z = logits / T:
   2. top-p: on the softmax p of the top-k survivors, p >= t for the largest t whose kept mass
      sum(p >= t) reaches top_p (ties kept together; tiny top_p keeps just the max and its ties);
   3. min-p: p >= min_p * max(p).
-The token is the first id (in vocabulary order) whose running kept mass exceeds u * (kept mass);
-logprob is log(p_token / kept mass). T = 0 is greedy: argmax of the raw logits (lowest id on
-ties) with its untempered, unfiltered log-softmax as logprob. Rows holding NaN or +inf, or only
--inf, are invalid: token -1, logprob NaN, valid False.
+The token is the first id (in vocabulary order) whose running kept mass exceeds u * (kept mass).
+T = 0 is greedy: argmax of the raw logits (lowest id on ties). logprob is the log of the
+probability, over u, that this op returns that token for that row: log(p_token / kept mass) when
+sampling, 0 for greedy rows (a deterministic choice). Rows holding NaN or +inf, or only -inf,
+are invalid: token -1, logprob NaN, valid False.
 """
 import torch
 
@@ -40,10 +41,37 @@ def reference(logits, temperature, top_k, top_p, min_p, uniforms):
     """The oracle: float64, full sort allowed."""
     x = logits.double()
     B, V = x.shape
-    temperature, top_p, min_p, uniforms = (per_row(v, B, torch.float32, x.device) for v in (temperature, top_p, min_p, uniforms))
-    top_k = per_row(top_k, B, torch.int64, x.device)
+    uniforms = per_row(uniforms, B, torch.float32, x.device)
     invalid = invalid_rows(x)
     x = torch.where(invalid[:, None], torch.zeros_like(x), x)
+    greedy = per_row(temperature, B, torch.float32, x.device) == 0
+    q = kept_masses(x, temperature, top_k, top_p, min_p)
+    total = q.sum(-1, keepdim=True)
+    cdf = q.cumsum(-1)
+    target = uniforms.double()[:, None] * total
+    token = (cdf <= target).sum(-1)
+    # u * total rounding up to the full mass: the last kept token that has mass (a kept -inf
+    # logit or an underflowed exp has none and must never be drawn)
+    last_kept = V - 1 - (q > 0).flip(-1).int().argmax(-1)
+    token = torch.minimum(token, last_kept)
+    logprob = (q.gather(1, token[:, None]) / total).log().squeeze(1)
+
+    token = torch.where(greedy, x.argmax(-1), token)
+    logprob = torch.where(greedy, torch.zeros_like(logprob), logprob)
+
+    token = torch.where(invalid, torch.full_like(token, -1), token)
+    logprob = torch.where(invalid, torch.full_like(logprob, float("nan")), logprob)
+    return token, logprob.float(), ~invalid
+
+
+def kept_masses(x, temperature, top_k, top_p, min_p):
+    """The contract's kept set as float64 masses [B,V] of float64 logits x (valid rows: no NaN or
+    +inf, not all -inf): the softmax of the tempered top-k survivors where kept, 0 elsewhere
+    (greedy rows, T = 0, as T = 1). Divided by their sum they are the distribution a row is
+    drawn from."""
+    B, V = x.shape
+    temperature, top_p, min_p = (per_row(v, B, torch.float32, x.device) for v in (temperature, top_p, min_p))
+    top_k = per_row(top_k, B, torch.int64, x.device)
     greedy = temperature == 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).double()
     z = x / t[:, None]
@@ -65,25 +93,7 @@ def reference(logits, temperature, top_k, top_p, min_p, uniforms):
 
     keep &= p >= min_p.double()[:, None] * p.max(-1, keepdim=True).values
 
-    q = torch.where(keep, p, torch.zeros_like(p))
-    total = q.sum(-1, keepdim=True)
-    cdf = q.cumsum(-1)
-    target = uniforms.double()[:, None] * total
-    token = (cdf <= target).sum(-1)
-    # u * total rounding up to the full mass: the last kept token that has mass (a kept -inf
-    # logit or an underflowed exp has none and must never be drawn)
-    last_kept = V - 1 - (q > 0).flip(-1).int().argmax(-1)
-    token = torch.minimum(token, last_kept)
-    logprob = (q.gather(1, token[:, None]) / total).log().squeeze(1)
-
-    greedy_token = x.argmax(-1)
-    greedy_logprob = torch.log_softmax(x, -1).gather(1, greedy_token[:, None]).squeeze(1)
-    token = torch.where(greedy, greedy_token, token)
-    logprob = torch.where(greedy, greedy_logprob, logprob)
-
-    token = torch.where(invalid, torch.full_like(token, -1), token)
-    logprob = torch.where(invalid, torch.full_like(logprob, float("nan")), logprob)
-    return token, logprob.float(), ~invalid
+    return torch.where(keep, p, torch.zeros_like(p))
 
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
