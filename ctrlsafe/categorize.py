@@ -124,7 +124,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output file: .jsonl or .parquet (id, prompt, category, judge_answer)")
     p.add_argument("--limit", type=int, default=None, help="categorize only the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length for a model judge (default 8)")
-    p.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
+    p.add_argument("--on-bad-row", choices=("error", "skip"), default="error", help="a bad prompt row stops the run or is skipped")
 
 
 def run(args) -> int:

@@ -28,15 +28,34 @@ class CommandError(Exception):
     """An error meant for the user: printed as one line, exit status 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, in one style: "(default: X)".
+
+    Not appended when the help already says what the default is (it mentions "default", e.g. "the
+    tiny preset" for a None default), when there is nothing to say (None, an empty list) or for
+    an on/off flag that is off by default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower():
+            return text
+        default = action.default
+        if default is None or default is argparse.SUPPRESS or default == [] or (action.nargs == 0 and default is False):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+        return text
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ctrlsafe",
+        prog="ctrlsafe", formatter_class=HelpFormatter,
         description="Controllable safety and helpfulness for LLMs. Run `ctrlsafe COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"ctrlsafe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if name == command:
             importlib.import_module(module).add_arguments(p)
     return parser

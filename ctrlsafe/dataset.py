@@ -16,6 +16,9 @@ it, so a torchrun job and a single process produce the same files.
 Columns (one row per sample): id, prompt_id, prompt, messages (JSON string or null), requested
 (struct attr->int, null when no control was requested), control (struct attr->int: the *measured*
 levels), sample_index, response, scores (struct attr->float), finish_reason, kept, drop_reason.
+Every shard is written with a fixed schema (`record_schema`, `pairs_schema`): a column null in a
+whole shard keeps its type, so `pyarrow.dataset` / `datasets.load_dataset("parquet", ...)` read a
+directory of shards as one table.
 """
 from __future__ import annotations
 
@@ -53,8 +56,32 @@ def record_schema(attributes) -> pa.Schema:
     ])
 
 
+def pairs_schema(attributes) -> pa.Schema:
+    """`ctrlsafe distill --pairs` shards: TRL prompt/chosen/rejected plus where each side came from."""
+    levels = pa.struct([(a, pa.int32()) for a in attributes])
+    return pa.schema([
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("prompt_id", pa.string()),
+        ("messages", pa.string()),
+        ("attribute", pa.string()),
+        ("chosen_id", pa.string()),
+        ("rejected_id", pa.string()),
+        ("control", levels),
+        ("chosen_control", levels),
+        ("rejected_control", levels),
+    ])
+
+
 def records_to_table(records: list[dict], attributes) -> pa.Table:
+    """Rows in the fixed record schema: a column that is null in every row of a shard (messages of
+    plain prompts, requested without controls) keeps its real type, so shards always concatenate."""
     return pa.Table.from_pylist(records, schema=record_schema(attributes))
+
+
+def pairs_to_table(pairs: list[dict], attributes) -> pa.Table:
+    return pa.Table.from_pylist(pairs, schema=pairs_schema(attributes))
 
 
 # -- atomic writes -----------------------------------------------------------------------------------
@@ -131,11 +158,56 @@ def read_manifest(out) -> dict | None:
     return manifest
 
 
+UNFINISHED = ("running", "failed")  # manifest statuses of a run that did not complete
+
+
+def writer_identity() -> dict:
+    """Who is writing a run (stored in its manifest): lets check_out_dir tell a live run from a dead one."""
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _writer_alive(manifest: dict) -> int | None:
+    """The pid of another live process on this host that the manifest names as its writer, else None."""
+    import socket
+
+    w = manifest.get("writer") or {}
+    pid = w.get("pid")
+    if manifest.get("status") != "running" or not isinstance(pid, int) or w.get("host") != socket.gethostname() or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # exists, another user's
+        return pid
+    return pid
+
+
+def mark_failed(out, error: BaseException) -> None:
+    """Record in the manifest that the run stopped on an error (best effort: never hides the error)."""
+    try:
+        manifest = read_manifest(out)
+        if manifest is None or manifest.get("status") == "complete":
+            return
+        import time
+
+        manifest.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000],
+                        updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        write_json(manifest, Path(out) / MANIFEST)
+    except Exception:  # noqa: BLE001 - the original error matters more
+        pass
+
+
 def check_out_dir(out, config: dict, resume: bool) -> dict | None:
     """Refuse an output directory that holds something else; return the manifest to resume from.
 
-    Empty or missing directory: a fresh run (also with --resume). A manifest with the same config:
-    allowed only with --resume. A different config, or files without a manifest: refused.
+    Empty or missing directory: a fresh run (also with --resume). A run that never finished (status
+    running or failed) and wrote no shard: nothing to protect, so a fresh run takes the directory
+    over, with any config (unless that run's process is still alive on this host: it may just be
+    loading its models). A run with data and the same config: allowed only with --resume. A run
+    with data and a different config, or files without a manifest: refused.
     """
     out = Path(out)
     manifest = read_manifest(out)
@@ -144,14 +216,24 @@ def check_out_dir(out, config: dict, resume: bool) -> dict | None:
         if stray:
             raise FileExistsError(f"{out} is not empty and holds no {MANIFEST} ({', '.join(sorted(stray)[:5])}); choose a new --out")
         return None
+    status = manifest.get("status")
+    shards = shard_files(out)
+    if status in UNFINISHED and not shards:
+        pid = _writer_alive(manifest)
+        if pid is not None:
+            raise FileExistsError(f"{out} is being written by process {pid} on this host (status running, no shard yet); "
+                                  f"wait for it, stop it, or choose a new --out")
+        return None
     differ = sorted(k for k in set(config) | set(manifest["config"]) if config.get(k) != manifest["config"].get(k))
+    held = f"{status}, {len(shards)} shard{'s' * (len(shards) != 1)}"
     if differ:
         raise FileExistsError(
-            f"{out} holds a different run (config differs in: {', '.join(differ)}); choose a new --out "
-            f"(--resume only continues the same run)"
+            f"{out} holds a different run ({held}; config differs in: {', '.join(differ)}); its data is kept: "
+            f"continue it with its own options and --resume, choose a new --out, or delete {out} to start over"
         )
     if not resume:
-        raise FileExistsError(f"{out} already holds this run ({manifest.get('status')}); pass --resume to continue it or choose a new --out")
+        raise FileExistsError(f"{out} already holds this run ({held}); pass --resume to continue it, choose a new --out, "
+                              f"or delete {out} to start over")
     return manifest
 
 
@@ -165,7 +247,13 @@ def open_dataset(path) -> pads.Dataset:
         raise FileNotFoundError(f"{path}: no Parquet shards")
     if not path.exists():
         raise FileNotFoundError(f"data set {path} does not exist")
-    return pads.dataset(sorted(map(str, path.glob("*.parquet"))) if path.is_dir() else str(path), format="parquet")
+    if not path.is_dir():
+        return pads.dataset(str(path), format="parquet")
+    files = sorted(map(str, path.glob("*.parquet")))
+    # one schema over all shards: shards from before fixed schemas could type an all-null column `null`
+    schemas = [pq.read_schema(f) for f in files]
+    schema = schemas[0] if all(s.equals(schemas[0]) for s in schemas) else pa.unify_schemas(schemas)
+    return pads.dataset(files, schema=schema, format="parquet")
 
 
 def read_dataset(path, columns=None, kept_only: bool = False) -> pa.Table:

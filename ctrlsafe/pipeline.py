@@ -116,24 +116,24 @@ def add_arguments(p) -> None:
     p.add_argument("--policy", help="policy model directory (default: the tiny preset)")
     p.add_argument("--rm", action="append", default=[], metavar="NAME=DIR_OR_MODULE:FN",
                    help="a reward model per control attribute, repeatable (default: the tiny preset's helpful and harmless)")
-    p.add_argument("--levels", type=int, default=5, help="levels per attribute (default 5)")
-    p.add_argument("--controls", default="grid", help="grid | none | 'helpful=0..4,harmless=1,3' | a JSON(L) file of level dicts (default grid)")
+    p.add_argument("--levels", type=int, default=5, help="levels per attribute")
+    p.add_argument("--controls", default="grid", help="grid | none | 'helpful=0..4,harmless=1,3' | a JSON(L) file of level dicts")
     p.add_argument("--method", choices=METHODS, default="tokens", help="control tokens (default), the request in words, or best-of-N rerank")
-    p.add_argument("--samples", type=int, default=1, help="samples per prompt and control; rerank: candidates per prompt (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="response length limit (default 32)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    p.add_argument("--stop", action="append", default=[], help="stop string, repeatable")
+    p.add_argument("--samples", type=int, default=1, help="samples per prompt and control; rerank: candidates per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="response length limit (tokens)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens with this much probability; 1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this fraction of the top token; 0 = off")
+    p.add_argument("--stop", action="append", default=[], help="stop string, repeatable (default: none; responses end at EOS or --max-new-tokens)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; samples depend only on it and the global prompt, control and sample index")
     p.add_argument("--bins", default="calibrate", help="calibrate (on the first chunk's scores) or a JSON file: LevelBins.to_json() or a data set manifest")
-    p.add_argument("--chunk-size", type=int, default=32, help="prompts per shard; the unit of progress and resume (default 32)")
+    p.add_argument("--chunk-size", type=int, default=32, help="prompts per shard; the unit of progress and resume")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same config), skipping finished chunks")
     p.add_argument("--on-bad-row", choices=("error", "skip"), default="error", help="a bad prompt row stops the run (default) or is skipped and counted")
-    p.add_argument("--limit", type=int, default=None, help="use the first K prompts")
+    p.add_argument("--limit", type=int, default=None, help="use the first K prompts (default: all)")
     p.add_argument("--prompt-column", default=None, help="field holding the prompt (default: prompt, else messages)")
-    p.add_argument("--id-column", default="id", help="field holding the prompt id (default id; else row<N>)")
+    p.add_argument("--id-column", default="id", help="field holding the prompt id (rows without one get row<N>)")
     p.add_argument("--label-column", default=None, metavar="COLUMN|=harmful|=safe",
                    help="field saying whether a prompt is harmful (XSTest: label), or one label for the whole file; "
                         "the prompt-aware scorers safe and helps need it (default: none)")
@@ -190,7 +190,17 @@ def _run(args, rank: int, world: int) -> int:
         dataset.remove_temp_files(out)
         _write_manifest(out, job, bins, "running", started, n_chunks, chunk_size, world)
     _barrier(world)
+    try:
+        return _produce(args, job, out, bins, started, n_chunks, rank, world, t_start)
+    except Exception as e:  # the manifest says so; a run that wrote no shard may then be replaced by a corrected command
+        if rank == 0:
+            dataset.mark_failed(out, e)
+        raise
 
+
+def _produce(args, job: Job, out: Path, bins, started: str, n_chunks: int, rank: int, world: int, t_start: float) -> int:
+    """Generate, score and write every chunk not finished yet, then the final pass (rank 0)."""
+    chunk_size = args.chunk_size
     done = dataset.finished_chunks(out)
     mine = [c for c in range(rank, n_chunks, world) if c not in done]
     if mine:  # a finished run resumed only re-runs the final pass: no models needed
@@ -235,7 +245,7 @@ def _resolve(args, *, hash_weights: bool) -> Job:
     from .presets import example_prompts_path, tiny
     from .prompts import read_prompts
 
-    for name in ("samples", "max_new_tokens", "chunk_size", "levels"):
+    for name in ("samples", "max_new_tokens", "chunk_size", "levels", "max_rows", "max_batch_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     from .convert import resolve_model
@@ -469,7 +479,7 @@ def _write_manifest(out: Path, job: Job, bins, status, started, n_chunks, chunk_
         "versions": _versions(), "world_size": world, "started_at": started, "updated_at": _now(),
         "chunks": {"size": chunk_size, "total": n_chunks, "finished": len(chunks),
                    "finished_ranges": dataset.finished_ranges(chunks, chunk_size, len(job.prompts))},
-        "skipped_prompt_rows": job.skipped[:100], "counts": counts,
+        "skipped_prompt_rows": job.skipped[:100], "counts": counts, "writer": dataset.writer_identity(),
     }, out / dataset.MANIFEST)
 
 

@@ -524,8 +524,8 @@ def add_arguments(p) -> None:
     p.add_argument("--levels", type=int, default=5, help="levels for --calibrate-bins (default 5)")
     p.add_argument("--label-column", metavar="COLUMN|=harmful|=safe", help="whether each prompt is harmful, for the scorers safe and helps")
     p.add_argument("--out", required=True, help="output .jsonl or .parquet: the input rows plus 'scores' (and 'levels')")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="where the reward models run: cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="reward model weights and activations")
 
 
 def run(args) -> int:

@@ -74,15 +74,17 @@ def add_arguments(p) -> None:
     g.add_argument("--rollout-n", type=int, default=4, help="samples per prompt and control (RLOO needs >= 2)")
     g.add_argument("--rl-controls", default="grid", help="control targets drawn from: 'grid' or ranges like helpful=0..4,harmless=1,3")
     g.add_argument("--bins", help="level bins JSON or data set directory (default: the --data manifest's bins)")
-    g.add_argument("--control-reward", choices=("level", "smooth"), default="level")
+    g.add_argument("--control-reward", choices=("level", "smooth"), default="level",
+                   help="per attribute: level = -|level(score) - target|; smooth = -((score - target bin centre) / bin width)^2")
     g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout")
     g.add_argument("--kl-coef", type=float, default=0.05, help="weight of KL(policy || initial model) in the reward")
-    g.add_argument("--kl-estimator", choices=("k1", "k3"), default="k3")
-    g.add_argument("--gamma", type=float, default=1.0)
+    g.add_argument("--kl-estimator", choices=("k1", "k3"), default="k3",
+                   help="per-token KL estimator: k1 = log p_pol - log p_ref (unbiased, can be < 0); k3 = exp(-k1) - 1 + k1 (>= 0, lower variance; Schulman)")
+    g.add_argument("--gamma", type=float, default=1.0, help="GAE discount per token")
     g.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
-    g.add_argument("--clip-eps", type=float, default=0.2)
-    g.add_argument("--value-clip", type=float, default=0.2)
-    g.add_argument("--vf-coef", type=float, default=0.1)
+    g.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range of the policy ratio")
+    g.add_argument("--value-clip", type=float, default=0.2, help="PPO: clip range of the value estimate around the rollout's")
+    g.add_argument("--vf-coef", type=float, default=0.1, help="PPO: weight of the value loss")
     g.add_argument("--no-whiten", action="store_true", help="keep raw advantages (default: whiten per rollout)")
 
 

@@ -191,3 +191,106 @@ def test_rerank_and_prompting_through_the_command(tiny_preset, tmp_path):
     assert main(["generate", "--out", str(out), *_models(tiny_preset), "--method", "prompting", "--controls", GRID,
                  "--samples", "1", "--max-new-tokens", "6", "--limit", "2"]) == 0
     assert dataset.read_dataset(out).num_rows == 2 * 4
+
+
+# -- a failed run does not lock its --out; mixed prompt kinds read as one table ------------------------------
+def test_failed_run_before_any_shard_leaves_out_reusable(tiny_preset, tmp_path, monkeypatch, capsys):
+    """A command that fails after writing its manifest but before its first shard (here: loading the
+    models raises) marks the manifest failed; the corrected command -- another config, same --out,
+    no --resume -- then runs instead of being refused as "holds a different run"."""
+    from ctrlsafe import pipeline
+
+    out = tmp_path / "run"
+    real_models = pipeline._models
+
+    def broken(job, args):
+        raise ValueError("cannot load the policy (injected)")
+
+    monkeypatch.setattr(pipeline, "_models", broken)
+    assert _generate(out, tiny_preset, "--seed", "1") == 2
+    assert "injected" in capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "failed" and "injected" in m["error"] and not dataset.shard_files(out)
+    monkeypatch.setattr(pipeline, "_models", real_models)
+    assert _generate(out, tiny_preset) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["config"]["seed"] == 0 and "error" not in m
+
+
+def test_bad_device_then_corrected_command(tiny_preset, tmp_path):
+    """The reported case: a bad option only caught once the run started (--device) used to leave a
+    'running' manifest that refused the corrected command; now that command just runs."""
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError):
+        _generate(out, tiny_preset, "--device", "no-such-device")
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
+    assert _generate(out, tiny_preset) == 0
+
+
+def test_failed_run_with_data_stays_protected(reference, tiny_preset, tmp_path, monkeypatch, capsys):
+    """A run that failed after writing a shard keeps its data: another config is refused (naming
+    --resume and deleting the folder), and --resume with the same options finishes it exactly."""
+    from ctrlsafe import pipeline
+
+    out = tmp_path / "run"
+    real = pipeline._generate_and_score
+    calls = []
+
+    def fail_second_chunk(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("scorer crashed (injected)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "_generate_and_score", fail_second_chunk)
+    assert _generate(out, tiny_preset) == 2
+    monkeypatch.setattr(pipeline, "_generate_and_score", real)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "failed" and len(dataset.shard_files(out)) == 1
+    capsys.readouterr()
+    assert _generate(out, tiny_preset, "--seed", "1") == 2
+    err = capsys.readouterr().err
+    assert "config differs in: seed" in err and "--resume" in err and f"delete {out}" in err
+    assert _generate(out, tiny_preset, "--resume") == 0
+    assert _shard_bytes(out) == _shard_bytes(reference)
+
+
+def spread_score(prompts, responses):
+    """A module:function scorer whose scores vary with the response text, so every prompt has
+    samples at both levels of a 2-level attribute (pairs for plain and for chat prompts)."""
+    return [float(sum(map(ord, r)) % 101) for r in responses]
+
+
+def test_mixed_plain_and_chat_prompts_read_as_one_table(tiny_preset, tmp_path):
+    """The reported case: plain and chat prompts, one prompt per shard (--chunk-size 1), then
+    `distill --pairs`: both directories read with plain pyarrow.dataset (what
+    datasets.load_dataset("parquet", data_files=".../data/*.parquet") does), messages typed string."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    prompts = tmp_path / "p.jsonl"
+    lines = []
+    for i in range(3):
+        lines.append({"id": f"t{i}", "prompt": f"Name a fruit number {i}."})
+        lines.append({"id": f"c{i}", "messages": [{"role": "user", "content": f"Tell me joke number {i}."}]})
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    gen, pairs = tmp_path / "gen", tmp_path / "pairs"
+    rms = ["--policy", str(tiny_preset.policy), "--rm", "helpful=test_pipeline:spread_score",  # levels of both kinds
+           "--rm", f"harmless={tiny_preset.reward_models['harmless']}"]
+    assert main(["generate", "--out", str(gen), "--prompts", str(prompts), *rms, "--levels", "2",
+                 "--controls", "helpful=0,1,harmless=0,1", "--samples", "2", "--max-new-tokens", "6", "--chunk-size", "1",
+                 "--no-distill"]) == 0
+    assert main(["distill", str(gen), "--out", str(pairs), "--pairs", "helpful", "--pair-others", "any"]) == 0
+    for d in (gen, pairs):
+        t = pads.dataset(str(d / "data"), format="parquet").to_table()
+        assert t.schema.field("messages").type == pa.string()
+        kinds = {m is None for m in t.column("messages").to_pylist()}
+        assert kinds == {True, False}, f"{d}: expected shards of both prompt kinds"
+    assert len(dataset.shard_files(gen)) == 6
+    try:
+        import datasets
+    except ImportError:
+        return
+    loaded = datasets.load_dataset("parquet", data_files=str(pairs / "data" / "*.parquet"), split="train",
+                                   cache_dir=str(tmp_path / "hf-cache"))
+    assert loaded.num_rows == pads.dataset(str(pairs / "data"), format="parquet").count_rows()
