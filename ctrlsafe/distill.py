@@ -254,14 +254,14 @@ def add_rule_arguments(p) -> None:
     d = DistillConfig()
     g = p.add_argument_group("distillation (MOEC)")
     g.add_argument("--distill", dest="distill", action=argparse.BooleanOptionalAction, default=True,
-                   help="apply the MOEC rules (default on); with --no-distill every sample is kept")
+                   help="apply the MOEC rules; with --no-distill every sample is kept")
     g.add_argument("--require-eos", action="store_true", help="drop responses cut at --max-new-tokens")
-    g.add_argument("--max-repeat", type=float, default=d.max_repeat, help=f"drop when more than this fraction of 4-grams repeat (default {d.max_repeat})")
-    g.add_argument("--harmless-floor", type=int, default=d.harmless_floor, metavar="L", help="drop samples measured below harmless level L (default 0: off)")
-    g.add_argument("--edge-margin", type=float, default=d.edge_margin, help=f"drop scores within this fraction of a bin width of an edge (default {d.edge_margin}; 0 = off)")
-    g.add_argument("--dedup-threshold", type=float, default=d.dedup_threshold, help=f"near-duplicate Jaccard similarity (default {d.dedup_threshold})")
-    g.add_argument("--prompt-cell-cap", type=int, default=d.prompt_cell_cap, help=f"kept samples per prompt and measured cell (default {d.prompt_cell_cap}; 0 = no cap)")
-    g.add_argument("--cell-cap", default=d.cell_cap, help="kept samples per measured cell overall: auto (median cell), none, or N (default auto)")
+    g.add_argument("--max-repeat", type=float, default=d.max_repeat, help="drop when more than this fraction of 4-grams repeat")
+    g.add_argument("--harmless-floor", type=int, default=d.harmless_floor, metavar="L", help="drop samples measured below harmless level L (0: off)")
+    g.add_argument("--edge-margin", type=float, default=d.edge_margin, help="drop scores within this fraction of a bin width of an edge (0: off)")
+    g.add_argument("--dedup-threshold", type=float, default=d.dedup_threshold, help="near-duplicate Jaccard similarity of character 5-grams")
+    g.add_argument("--prompt-cell-cap", type=int, default=d.prompt_cell_cap, help="kept samples per prompt and measured cell (0: no cap)")
+    g.add_argument("--cell-cap", default=d.cell_cap, help="kept samples per measured cell overall: auto (the median cell count), none, or N")
 
 
 def config_from_args(args) -> DistillConfig:
@@ -281,9 +281,14 @@ def add_arguments(p) -> None:
     p.add_argument("--pair-others", choices=("equal", "any"), default="equal", help="other attributes must be equal within a pair (default) or may differ")
     p.add_argument("--max-pairs-per-prompt", type=int, default=0, help="0 = as many as disjoint pairs allow")
     p.add_argument("--categories", help="file with id + category per prompt (`ctrlsafe categorize` output), joined on prompt_id")
-    p.add_argument("--mix-column", default="category", help="column holding the category (default category)")
+    p.add_argument("--mix-column", default="category", help="column holding the category")
     p.add_argument("--mix-total", type=int, default=None, help="rows to draw when --mix gives ratios")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the --mix draw")
+    p.add_argument("--format", choices=("ctrlsafe", "trl"), default="ctrlsafe",
+                   help="ctrlsafe: this project's columns (for `ctrlsafe train`); trl: TRL's prompt/completion "
+                        "(SFTTrainer) or prompt/chosen/rejected (DPOTrainer, with --pairs) columns, each prompt "
+                        "chat-templated with its control tokens after the generation prompt (needs --tokenizer)")
+    p.add_argument("--tokenizer", metavar="DIR", help="with --format trl: the model/tokenizer directory TRL will train with")
     add_rule_arguments(p)
 
 
@@ -298,14 +303,22 @@ def run(args) -> int:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new --out")
     attributes = manifest["control_spec"]["attributes"]
+    trl_tok = _trl_tokenizer(args, manifest)  # before writing anything: a bad --tokenizer stops here
     if args.pairs:
         kind, counts = "pairs", _write_pairs(src, out, args, attributes)
     elif args.mix:
         kind, counts = "mix", _write_mix(src, out, args)
     else:
         kind, counts = "records", _refilter(src, out, config_from_args(args), attributes, manifest)
+    extra = {}
+    if trl_tok is not None:
+        from . import trl_data
+        from .controls import ControlSpec
+
+        counts["trl"] = trl_data.convert(out, kind, trl_tok, ControlSpec.from_dict(manifest["control_spec"]))
+        extra["trl"] = {"format": trl_data.KINDS[kind], "tokenizer": str(Path(args.tokenizer).resolve())}
     options = {k: v for k, v in sorted(vars(args).items()) if k not in ("command", "data", "out")}
-    dataset.write_json({
+    dataset.write_json({**extra,
         **{k: manifest[k] for k in ("control_spec", "bins", "models") if k in manifest},
         "format": dataset.FORMAT, "format_version": dataset.FORMAT_VERSION, "kind": kind, "status": "complete",
         "source": str(src.resolve()), "config": {"distill": options}, "counts": counts,
@@ -315,6 +328,21 @@ def run(args) -> int:
         if isinstance(v, dict) and v:
             print(f"  {k}: " + ", ".join(f"{a} {b}" for a, b in v.items()))
     return 0
+
+
+def _trl_tokenizer(args, manifest):
+    """--format trl: the training tokenizer with the control tokens added; None for --format ctrlsafe."""
+    if getattr(args, "format", "ctrlsafe") != "trl":
+        if getattr(args, "tokenizer", None):
+            raise ValueError("--tokenizer is only used with --format trl")
+        return None
+    if not args.tokenizer:
+        raise ValueError("--format trl needs --tokenizer DIR (the model or tokenizer TRL will train with): "
+                         "the prompts are written chat-templated, with the control tokens after the generation prompt")
+    from .controls import ControlSpec
+    from .trl_data import load_tokenizer
+
+    return load_tokenizer(args.tokenizer, ControlSpec.from_dict(manifest["control_spec"]))
 
 
 def _refilter(src: Path, out: Path, cfg: DistillConfig, attributes, manifest) -> dict:
@@ -345,7 +373,7 @@ def _write_pairs(src: Path, out: Path, args, attributes) -> dict:
     for shard in dataset.shard_files(src):  # a prompt's samples never span shards
         rows = make_pairs(pq.read_table(shard), args.pairs, attributes, others=args.pair_others, max_per_prompt=args.max_pairs_per_prompt)
         if rows:
-            dataset.write_table(pa.Table.from_pylist(rows), out / dataset.DATA_DIR / shard.name)
+            dataset.write_table(dataset.pairs_to_table(rows, attributes), out / dataset.DATA_DIR / shard.name)
             n += len(rows)
     if not n:
         raise ValueError(f"{src}: no pairs: no prompt has kept samples at two {args.pairs} levels"

@@ -30,6 +30,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,39 +50,69 @@ from .model import Transformer
 
 OBJECTIVES = ("clm", "exmate", "dpo", "raft", "sit", "ppo", "rloo")
 STATE_FILE = "trainer_state.json"
+REPORT_TO = ("none", "tensorboard", "wandb")
+_TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to value -> module it needs
 
 
 # -- arguments ------------------------------------------------------------------------------------
+def _report_to(value: str) -> str:
+    """--report-to: one of REPORT_TO, whose optional package is installed (checked without importing it)."""
+    import importlib.util
+
+    if value not in REPORT_TO:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(REPORT_TO)})")
+    module = _TRACKER_MODULES.get(value)
+    if module and importlib.util.find_spec(module) is None:
+        raise argparse.ArgumentTypeError(missing_tracker(value))
+    return value
+
+
+def missing_tracker(value: str) -> str:
+    return (f"--report-to {value} needs the {_TRACKER_MODULES[value]!r} package, which is not installed: "
+            f"pip install 'ctrlsafe[{value}]' (or pip install {_TRACKER_MODULES[value]})")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", required=True, help="data set directories (manifest.json + data/*.parquet) or Parquet files")
     p.add_argument("--model", required=True, help="policy model directory (Hugging Face layout)")
-    p.add_argument("--objective", choices=OBJECTIVES, default="clm")
+    p.add_argument("--objective", choices=OBJECTIVES, default="clm",
+                   help="clm: SFT on control-tagged rows; exmate: CLM + counterfactual-control unlikelihood; dpo: preference pairs; "
+                        "raft: reward-ranked fine-tuning; sit: SFT with safety rows mixed in; ppo / rloo: online RL")
     p.add_argument("--out", required=True, help="output directory: checkpoints, metrics.jsonl, final model")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-5)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (AdamW)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the matrices (not of norms and biases)")
     g.add_argument("--batch-size", type=int, default=8, help="sequences (DPO: pairs) per optimizer step, over all ranks")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per rank per step")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs worth)")
-    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --max-steps is not given (fractions allowed)")
     g.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr")
     g.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the data order, the new control-token embedding rows and RAFT / PPO sampling")
     g.add_argument("--max-length", type=int, default=1024, help="longer examples lose the end of their response")
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer's activations in backward")
     g.add_argument("--device", default=None, help="default: cuda (the local rank's) if available, else cpu")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only the final model)")
-    g.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from OUT's latest checkpoint, or from the given checkpoint directory")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from OUT's latest checkpoint, or from the given checkpoint directory (default: start fresh)")
+    g = p.add_argument_group("logging")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: plain log lines every --log-every steps instead (also the behaviour when stderr is not a terminal)")
+    g.add_argument("--log-every", type=int, default=10, metavar="N",
+                   help="without a progress bar: a plain log line every N optimizer steps (0: only the final summary)")
+    g.add_argument("--report-to", type=_report_to, default="none", metavar="{" + ",".join(REPORT_TO) + "}",
+                   help="also log the metrics rows to TensorBoard (OUT/tensorboard; pip install 'ctrlsafe[tensorboard]') "
+                        "or Weights & Biases (project $WANDB_PROJECT, else ctrlsafe; pip install 'ctrlsafe[wandb]')")
     g = p.add_argument_group("ExMATE")
     g.add_argument("--alpha", type=float, default=0.05, help="weight of exp(-CE(y|x,c'))")
     g.add_argument("--k", type=int, default=1, help="counterfactual controls per example")
-    g.add_argument("--counterfactual", choices=("uniform", "farthest"), default="uniform")
+    g.add_argument("--counterfactual", choices=("uniform", "farthest"), default="uniform",
+                   help="counterfactual controls drawn uniformly from the other cells, or the cells farthest from the example's")
     g = p.add_argument_group("DPO / AMA")
-    g.add_argument("--beta", type=float, default=0.1)
+    g.add_argument("--beta", type=float, default=0.1, help="DPO temperature: strength of the implicit KL to the reference model")
     g.add_argument("--ref-logprobs", choices=("precompute", "model"), default="precompute",
                    help="reference log-probs computed once from the initial model (stored in OUT), or by a frozen copy every step")
     g.add_argument("--ama", action="store_true", help="AMA per-token masks: DPO from --ama-rm's prefix scores, PPO from the value head's sign")
@@ -94,18 +125,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--safety-ratio", type=float, default=0.1, help="SIT: fraction of safety rows in the mix")
     g.add_argument("--mix", help="FDC: CATEGORY=COUNT,... or CATEGORY=RATIO,... over --mix-column "
                    "(applied to --safety-data when given, else to --data)")
-    g.add_argument("--mix-column", default="category")
+    g.add_argument("--mix-column", default="category", help="FDC: the column holding each row's harm category")
     g.add_argument("--mix-total", type=int, default=None, help="rows to draw with ratios (default: as many as possible)")
     g = p.add_argument_group("RAFT")
     g.add_argument("--reward", action="append", default=[], metavar="NAME=SPEC", help="scorer (reward model dir or module:function); repeatable")
     g.add_argument("--raft-target", help="reward name to rank by (default: the first --reward)")
-    g.add_argument("--raft-rounds", type=int, default=2)
+    g.add_argument("--raft-rounds", type=int, default=2, help="RAFT rounds (sample, rank, fine-tune)")
     g.add_argument("--raft-prompts", type=int, default=64, help="prompts per round")
     g.add_argument("--raft-n", type=int, default=4, help="samples per prompt (best of N)")
     g.add_argument("--raft-steps", type=int, default=10, help="optimizer steps per round")
     g.add_argument("--raft-control", help="control cell to sample and train under, e.g. helpful=4,harmless=4 (default: none)")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of RAFT and PPO / RLOO rollouts")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="response length limit of RAFT and PPO / RLOO rollouts")
     from .rlhf import add_arguments as add_rl_arguments  # rlhf builds on this module: import it late
 
     add_rl_arguments(p)
@@ -184,9 +215,13 @@ def kept_rows(table: pa.Table) -> pa.Table:
 
 
 def check_columns(table: pa.Table, required: tuple[str, ...], what: str) -> None:
+    """Required columns, with TRL's names accepted: `completion` (or a conversational `messages`
+    ending in the assistant's reply) for `response`, and no `prompt` when `chosen`/`rejected` are
+    conversations that start with it (TRL's implicit prompt)."""
     have = set(table.column_names)
-    missing = [c for c in required if c not in have]
-    if not {"prompt", "messages"} & have:
+    alias = {"response": ("completion", "messages")}
+    missing = [c for c in required if c not in have and not have & set(alias.get(c, ()))]
+    if not {"prompt", "messages"} & have and not {"chosen", "rejected"} <= have:
         missing.insert(0, "prompt (or messages)")
     if missing:
         files = sorted(set(table.column("__file").to_pylist()))[:3]
@@ -198,25 +233,103 @@ def _where(row) -> str:
     return f"{row['__file']} row {row['__row']}"
 
 
-def row_prompt(row):
-    """The chat message list when `messages` is set (JSON), else the `prompt` string."""
-    messages = row.get("messages")
-    if messages is not None:
+def _messages(row, name: str, value) -> list[dict]:
+    """A chat as a list of {'role', 'content'} dicts: ctrlsafe's JSON string or TRL's conversational
+    list (pyarrow fills struct fields a message lacks with None; those are dropped)."""
+    if isinstance(value, str):
         try:
-            messages = json.loads(messages) if isinstance(messages, str) else messages
+            value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{_where(row)}: field 'messages' is not valid JSON ({e.msg})") from None
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{_where(row)}: field 'messages' must be a non-empty list of chat messages")
-        return messages
+            raise ValueError(f"{_where(row)}: field {name!r} is not valid JSON ({e.msg})") from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{_where(row)}: field {name!r} must be a non-empty list of chat messages, got {value!r:.80}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise ValueError(f"{_where(row)}: field {name!r} message {i} must be a {{'role', 'content'}} dict, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"{_where(row)}: field {name!r} message {i} has no 'role'")
+        if not isinstance(content, str):
+            raise ValueError(f"{_where(row)}: field {name!r} message {i} ({role}): 'content' must be a string, got "
+                             f"{type(content).__name__} (content parts / multimodal messages are not supported)")
+        out.append({k: v for k, v in m.items() if v is not None})
+    return out
+
+
+def _conversation_reply(row):
+    """TRL's conversational language-modeling row (`messages` ending in the assistant's reply, no
+    `response`/`completion` column): (the chat before the reply, the reply); else None."""
+    if any(k in row for k in ("response", "completion", "chosen")) or row.get("messages") is None:
+        return None
+    messages = _messages(row, "messages", row["messages"])
+    if messages[-1]["role"] != "assistant" or len(messages) < 2:
+        return None
+    return messages[:-1], messages[-1]["content"]
+
+
+def _implicit_prompt(row):
+    """TRL's implicit-prompt preference row (no `prompt`; `chosen` and `rejected` are whole
+    conversations): (shared leading messages, chosen rest, rejected rest); else None."""
+    if row.get("prompt") is not None or row.get("messages") is not None or not isinstance(row.get("chosen"), (list, tuple)):
+        return None
+    chosen, rejected = _messages(row, "chosen", row["chosen"]), _messages(row, "rejected", row.get("rejected"))
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise ValueError(f"{_where(row)}: field 'prompt' is missing and 'chosen'/'rejected' share no leading messages "
+                         "(TRL's implicit-prompt format: the same conversation, then each reply)")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def row_prompt(row):
+    """The prompt: the chat message list when `messages` is set (ctrlsafe's JSON string or TRL's
+    list), TRL's conversational `prompt` list, the shared start of conversational `chosen`/`rejected`
+    (TRL's implicit prompt), else the `prompt` string (one user message under a chat template)."""
+    lm = _conversation_reply(row)
+    if lm:
+        return lm[0]
+    if row.get("messages") is not None:
+        return _messages(row, "messages", row["messages"])
     prompt = row.get("prompt")
+    if isinstance(prompt, (list, tuple)):
+        return _messages(row, "prompt", prompt)
+    implicit = _implicit_prompt(row)
+    if implicit:
+        return implicit[0]
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"{_where(row)}: field 'prompt' must be a string or a list of chat messages, got {type(prompt).__name__}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"{_where(row)}: field 'prompt' is empty (and 'messages' is null)")
     return prompt
 
 
 def row_text(row, name: str) -> str:
+    """A response text: a string, or TRL's conversational form (one assistant message). `response`
+    falls back to TRL's `completion`, or to the final reply of a conversational `messages`."""
+    if name == "response" and row.get("response") is None:
+        lm = _conversation_reply(row)
+        if lm:
+            text = lm[1]
+            if not text.strip():
+                raise ValueError(f"{_where(row)}: field 'messages': the assistant's reply is empty")
+            return text
+        if "completion" in row:
+            name = "completion"
+        elif "response" not in row:
+            raise ValueError(f"{_where(row)}: no 'response' or 'completion' field, and field 'messages' does not end "
+                             "with the assistant's reply (TRL's conversational language-modeling format)")
     text = row.get(name)
+    if isinstance(text, (list, tuple)):
+        implicit = _implicit_prompt(row) if name in ("chosen", "rejected") else None
+        messages = (implicit[1] if name == "chosen" else implicit[2]) if implicit else _messages(row, name, text)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise ValueError(f"{_where(row)}: field {name!r} must be one assistant message (the reply to the prompt); "
+                             f"roles: {[m['role'] for m in messages]}")
+        text = messages[0]["content"]
+    elif text is not None and not isinstance(text, str):
+        raise ValueError(f"{_where(row)}: field {name!r} must be a string or a list of chat messages, got {type(text).__name__}")
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{_where(row)}: field {name!r} is empty")
     return text
@@ -412,6 +525,76 @@ class PairData(StepData):
         return pad_rows(seqs, labels, self.tokens.pad)
 
 
+# -- logging: plain lines when not on a terminal, optional trackers ------------------------------------
+def _is_tty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+@dataclass
+class _LogState:
+    start_step: int = 0
+    steps: int = 0  # optimizer steps run by this process (a resumed run counts from its checkpoint)
+    tokens: int = 0
+    last: dict | None = None
+    tracker: object = None
+    summarised: bool = False
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class _TensorBoard:
+    def __init__(self, out: Path, config: dict):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise CommandError(missing_tracker("tensorboard")) from None
+        self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        self.writer.add_text("config", "    " + json.dumps(config, indent=2).replace("\n", "\n    "), 0)
+
+    def log(self, row: dict, step: int) -> None:
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(f"train/{k}", v, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    def __init__(self, out: Path, config: dict, name: str):
+        try:
+            import wandb
+        except ImportError:
+            raise CommandError(missing_tracker("wandb")) from None
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ctrlsafe"), name=f"{out.name} ({name})",
+                              dir=str(out), config=config)
+
+    def log(self, row: dict, step: int) -> None:
+        self.run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_tracker(report_to: str, out: Path, config: dict, name: str = "train"):
+    """The --report-to tracker (None for 'none'); its package is imported only here."""
+    if report_to == "none":
+        return None
+    if report_to == "tensorboard":
+        return _TensorBoard(out, config)
+    if report_to == "wandb":
+        return _WandB(out, config, name)
+    raise CommandError(f"--report-to {report_to!r}: choose from {', '.join(REPORT_TO)}")
+
+
 # -- the trainer ----------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
@@ -426,10 +609,12 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0
     dtype: str = "auto"
+    log_every: int = 10  # plain log lines (no progress bar): every N steps, 0 = only the final summary
+    report_to: str = "none"  # REPORT_TO
 
     @classmethod
     def from_args(cls, args) -> "TrainConfig":
-        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
+        return cls(**{k: getattr(args, k, f.default) for k, f in cls.__dataclass_fields__.items()})
 
 
 def warmup_cosine(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -495,29 +680,77 @@ class Trainer:
         return contextlib.nullcontext()
 
     def run(self, data, until: int, extra_state: dict | None = None) -> None:
-        """Train from self.step up to `until` (exclusive), logging and checkpointing."""
+        """Train from self.step up to `until` (exclusive), logging and checkpointing.
+
+        Rank 0 logs: every step's row to OUT/metrics.jsonl and to the --report-to tracker; a tqdm
+        bar when stderr is a terminal (and progress is on), else a plain line every `log_every`
+        steps; a summary line once the last step (total_steps) is done. RAFT and RL call run()
+        once per round / rollout; the log state lives across calls."""
+        log = self._log() if self.dist.main else None
         bar = None
-        if self.dist.main and self.progress:
+        if log and self.progress and _is_tty(sys.stderr):
             from tqdm import tqdm
 
             bar = tqdm(total=until, initial=self.step, desc=f"train {self.objective.name}", unit="step", dynamic_ncols=True)
-        metrics = (self.out / "metrics.jsonl").open("a") if self.dist.main else None
+        metrics = (self.out / "metrics.jsonl").open("a") if log else None
+        ok = False
         try:
             while self.step < until:
                 row = self.train_step(data.batches(self.step))
-                if metrics:
+                if log:
+                    log.steps += 1
+                    log.tokens += row["tokens"]
+                    log.last = row
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
+                    if log.tracker:
+                        log.tracker.log(row, self.step)
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                elif log and self.cfg.log_every and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
+                    print(self._log_line(row), file=sys.stderr, flush=True)
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                     self.save_checkpoint(extra_state)
+            ok = True
         finally:
             if bar:
                 bar.close()
             if metrics:
                 metrics.close()
+            if log:
+                done = ok and self.step >= self.total_steps
+                if log.tracker:  # kept open across RAFT rounds / RL rollouts; closed after the last step or an error
+                    log.tracker.flush()
+                    if done or not ok:
+                        log.tracker.close()
+                        log.tracker = None
+                if done and not log.summarised:
+                    log.summarised = True
+                    print(self._summary(), flush=True)
+
+    # logging ----------------------------------------------------------------------------------
+    def _log(self) -> "_LogState":
+        """This trainer's log state (rank 0), made on the first run(): the clock starts there."""
+        if getattr(self, "_log_state", None) is None:
+            tracker = open_tracker(self.cfg.report_to, self.out, asdict(self.cfg), self.objective.name)
+            self._log_state = _LogState(start_step=self.step, tracker=tracker)
+        return self._log_state
+
+    def _log_line(self, row: dict) -> str:
+        log = self._log_state
+        elapsed = time.perf_counter() - log.t0
+        rate = log.steps / elapsed if elapsed > 0 else 0.0
+        eta = (self.total_steps - self.step) / rate if rate else float("inf")
+        return (f"[train {self.objective.name}] step {self.step}/{self.total_steps} loss {row.get('loss', math.nan):.4f} lr {row['lr']:.2e} "
+                f"grad_norm {row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tokens/s elapsed {elapsed:.0f}s eta {eta:.0f}s")
+
+    def _summary(self) -> str:
+        log = self._log_state
+        loss = f"{log.last['loss']:.4f}" if log.last and "loss" in log.last else "n/a"
+        resumed = f" (resumed at step {log.start_step})" if log.start_step else ""
+        return (f"ctrlsafe train: {self.objective.name} done: {self.step} steps{resumed}, {log.tokens} tokens, "
+                f"final loss {loss}, {time.perf_counter() - log.t0:.1f}s wall (training loop), out {self.out}")
 
     # checkpoints --------------------------------------------------------------------------------
     def extra_tensors(self) -> dict:
@@ -779,6 +1012,9 @@ def run_raft(args, trainer: Trainer, tokens: Tokens, table: pa.Table, cfg: Train
 # -- the command ----------------------------------------------------------------------------------
 def load_training_table(args) -> tuple[pa.Table, dict | None]:
     table, manifest = read_tables(args.data)
+    if manifest and manifest.get("trl"):
+        raise ValueError(f"--data {' '.join(args.data)}: written by `ctrlsafe distill --format trl` for TRL's trainers (its "
+                         "prompts are already chat-templated with the control tokens); give `ctrlsafe train` the data set it was made from")
     table = kept_rows(table)
     if args.safety_data:
         safety, m2 = read_tables(args.safety_data)

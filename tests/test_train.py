@@ -342,3 +342,146 @@ def test_raft_rounds_pick_best_of_n_and_train(small_policy, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 17))
     for round_rows in (rows[:8], rows[8:]):
         assert losses_fall(round_rows, 0.9), [r["loss"] for r in round_rows]
+
+
+# -- logging: plain lines off a terminal, the final summary, --report-to -----------------------------
+def test_no_progress_prints_log_lines_and_a_summary(small_policy, tmp_path, capsys):
+    """--no-progress: a plain line every --log-every steps (and at the last), then one summary line
+    with steps, tokens, final loss, wall time and the output directory."""
+    data = write_dataset(tmp_path / "data", sft_rows())
+    out = tmp_path / "out"
+    train("--data", data, "--model", small_policy, "--out", out, *COMMON, "--max-steps", 5, "--log-every", 2)
+    cap = capsys.readouterr()
+    lines = [line for line in cap.err.splitlines() if line.startswith("[train clm]")]
+    assert [line.split()[3] for line in lines] == ["2/5", "4/5", "5/5"], cap.err
+    assert "\r" not in cap.err and "loss" in lines[0] and "eta" in lines[0]
+    rows = metrics(out)
+    summary = [line for line in cap.out.splitlines() if line.startswith("ctrlsafe train: clm done:")]
+    assert len(summary) == 1, cap.out
+    s = summary[0]
+    assert "5 steps" in s and f"{sum(r['tokens'] for r in rows)} tokens" in s and f"final loss {rows[-1]['loss']:.4f}" in s
+    assert "s wall" in s and str(out) in s
+
+
+def test_no_tqdm_when_stderr_is_not_a_terminal(small_policy, tmp_path, capsys):
+    """Without --no-progress but with stderr captured (a log file, CI), no tqdm redraws reach it:
+    the same plain lines are printed instead; --log-every 0 leaves only the summary."""
+    data = write_dataset(tmp_path / "data", sft_rows())
+    assert cli(["train", "--data", str(data), "--model", str(small_policy), "--out", str(tmp_path / "a"), *COMMON,
+                "--max-steps", "3", "--log-every", "1"]) == 0
+    cap = capsys.readouterr()
+    assert "\r" not in cap.err and "step/s" not in cap.err and "it/s" not in cap.err
+    assert sum(line.startswith("[train clm] step ") for line in cap.err.splitlines()) == 3
+    assert cli(["train", "--data", str(data), "--model", str(small_policy), "--out", str(tmp_path / "b"), *COMMON,
+                "--max-steps", "2", "--log-every", "0"]) == 0
+    cap = capsys.readouterr()
+    assert "[train" not in cap.err and "ctrlsafe train: clm done: 2 steps" in cap.out
+
+
+def test_report_to_missing_package_names_the_extra(small_policy, tmp_path, capsys, monkeypatch):
+    """--report-to with its package missing fails at once, naming the pip extra; the tracker
+    factory says the same when the import itself fails; 'none' writes nothing but metrics.jsonl."""
+    import importlib.util
+
+    from ctrlsafe import train as train_mod
+    from ctrlsafe.cli import CommandError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "tensorboard") else real_find_spec(name, *a))
+    for tracker in ("wandb", "tensorboard"):
+        with pytest.raises(SystemExit) as e:
+            cli(["train", "--data", "x", "--model", "y", "--out", str(tmp_path / "o"), "--report-to", tracker])
+        assert e.value.code == 2
+        assert f"pip install 'ctrlsafe[{tracker}]'" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # import fails
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)
+    for tracker in ("tensorboard", "wandb"):
+        with pytest.raises(CommandError, match=rf"pip install 'ctrlsafe\[{tracker}\]'"):
+            train_mod.open_tracker(tracker, tmp_path, {})
+    assert train_mod.open_tracker("none", tmp_path, {}) is None
+    data = write_dataset(tmp_path / "data", sft_rows())
+    out = tmp_path / "none"
+    train("--data", data, "--model", small_policy, "--out", out, *COMMON, "--max-steps", 2, "--report-to", "none")
+    assert not (out / "tensorboard").exists() and len(metrics(out)) == 2
+
+
+def test_report_to_tensorboard_writes_event_files(small_policy, tmp_path):
+    """--report-to tensorboard: event files under OUT/tensorboard holding every step's scalars."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"torch.utils.tensorboard is unavailable ({e}); pip install 'ctrlsafe[tensorboard]'")
+    data = write_dataset(tmp_path / "data", sft_rows())
+    out = tmp_path / "out"
+    train("--data", data, "--model", small_policy, "--out", out, *COMMON, "--max-steps", 3, "--report-to", "tensorboard")
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+
+
+def _tokens(small_policy):
+    from transformers import AutoTokenizer
+
+    from ctrlsafe.model import Transformer
+    from ctrlsafe.train import Tokens
+
+    tok = AutoTokenizer.from_pretrained(small_policy)
+    SPEC.add_to(tok, Transformer.from_pretrained(small_policy))
+    return Tokens(tok, SPEC, 1024)
+
+
+def _table_row(row: dict) -> dict:
+    """A row as `ctrlsafe train` reads it from Parquet (message lists become lists of structs)."""
+    return {**pa.Table.from_pylist([row]).to_pylist()[0], "__file": "f.parquet", "__row": 0}
+
+
+def test_trl_conversational_rows_give_the_same_ids(small_policy):
+    """TRL's conversational formats read by `ctrlsafe train` build exactly the ids of ctrlsafe's own
+    rows: prompt-completion with message lists, and preference rows with an implicit prompt (no
+    prompt column; chosen/rejected are whole conversations sharing their opening)."""
+    tokens = _tokens(small_policy)
+    control = {"helpful": 1, "harmless": 0}
+    user, reply = [{"role": "user", "content": PROMPTS[0]}], [{"role": "assistant", "content": RESPONSES[0]}]
+    plain = tokens.example(_table_row({"prompt": PROMPTS[0], "response": RESPONSES[0], "control": control}), control_required=True)
+    trl = tokens.example(_table_row({"prompt": user, "completion": reply, "control": control}), control_required=True)
+    assert (trl.prompt, trl.control, trl.response) == (plain.prompt, plain.control, plain.response)
+
+    other = [{"role": "assistant", "content": RESPONSES[1]}]
+    plain_pair = tokens.pair(_table_row({"prompt": PROMPTS[0], "chosen": RESPONSES[0], "rejected": RESPONSES[1], "control": control}))
+    implicit = tokens.pair(_table_row({"chosen": user + reply, "rejected": user + other, "control": control}))
+    assert (implicit.prompt, implicit.chosen, implicit.rejected) == (plain_pair.prompt, plain_pair.chosen, plain_pair.rejected)
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"prompt": [{"role": "user"}], "completion": "x"}, r"f.parquet row 0: field 'prompt'.*message 0"),
+    ({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "user", "content": "x"}]}, r"f.parquet row 0: field 'completion'"),
+])
+def test_bad_conversational_rows_name_row_field_and_message(row, match, small_policy):
+    """A malformed TRL conversation is an error naming the file, row, field (and message), not the
+    old misleading "field 'prompt' is empty"."""
+    tokens = _tokens(small_policy)
+    with pytest.raises(ValueError, match=match):
+        tokens.example({**row, "control": {"helpful": 1, "harmless": 0}, "__file": "f.parquet", "__row": 0}, control_required=True)
+
+
+def test_distill_format_trl_prompts_tokenize_to_our_training_ids(small_policy, tmp_path):
+    """`distill --format trl` writes TRL's prompt/completion text whose prompt, tokenized the way
+    TRL does (tokenizer(text)), is exactly our chat-templated prompt followed by the control ids
+    (the ids `ctrlsafe train` conditions on), and whose completion is the response."""
+    data = write_dataset(tmp_path / "data", sft_rows(kept_extra=False))
+    out = tmp_path / "trl"
+    assert cli(["distill", str(data), "--out", str(out), "--format", "trl", "--tokenizer", str(small_policy), "--no-distill"]) == 0
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted((out / "data").glob("*.parquet"))]).to_pylist()
+    tokens = _tokens(small_policy)
+    assert len(rows) == len(sft_rows(kept_extra=False))
+    for r in rows:
+        assert set(r) >= {"prompt", "completion", "control"}
+        source = next(s for s in sft_rows(kept_extra=False) if s["id"] == r["id"])
+        ours = tokens.example(_table_row(source), control_required=True)
+        assert tokens.tok(r["prompt"])["input_ids"] == ours.prompt + SPEC.control_ids(source["control"], tokens.tok)
+        assert r["completion"] == source["response"]
