@@ -72,10 +72,7 @@ def sample(
     B, device = logits.shape[0], logits.device
     # Numbers stay numbers (validated in Python, broadcast by the kernel): a B=1 decode step
     # then costs no tensor allocations beyond the outputs.
-    temperature = _param("temperature", temperature, B, torch.float32, device, lambda t: (t >= 0) & (t < float("inf")), ">= 0")
-    top_k = _param("top_k", top_k, B, torch.int64, device, lambda k: k >= 0, ">= 0 (0 = off)")
-    top_p = _param("top_p", top_p, B, torch.float32, device, lambda p: (p > 0) & (p <= 1), "in (0, 1]")
-    min_p = _param("min_p", min_p, B, torch.float32, device, lambda p: (p >= 0) & (p <= 1), "in [0, 1]")
+    temperature, top_k, top_p, min_p = _filters(temperature, top_k, top_p, min_p, B, device)
     if uniforms is None:
         if seed is None:
             seed = torch.randint(0, 2**62, (B,), dtype=torch.int64, device=device)
@@ -103,10 +100,7 @@ def processed_logprobs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"logits must be [B, V] with V >= 1, got shape {tuple(logits.shape)}")
     B, device = logits.shape[0], logits.device
-    temperature = _param("temperature", temperature, B, torch.float32, device, lambda t: (t >= 0) & (t < float("inf")), ">= 0")
-    top_k = _param("top_k", top_k, B, torch.int64, device, lambda k: k >= 0, ">= 0 (0 = off)")
-    top_p = _param("top_p", top_p, B, torch.float32, device, lambda p: (p > 0) & (p <= 1), "in (0, 1]")
-    min_p = _param("min_p", min_p, B, torch.float32, device, lambda p: (p >= 0) & (p <= 1), "in [0, 1]")
+    temperature, top_k, top_p, min_p = _filters(temperature, top_k, top_p, min_p, B, device)
     x = logits.double()
     invalid = invalid_rows(x)
     x = torch.where(invalid[:, None], torch.zeros_like(x), x)
@@ -235,6 +229,14 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 
 def _fits_int64(v):
     return torch.ones_like(v, dtype=torch.bool) if isinstance(v, torch.Tensor) else -(2**63) <= v < 2**63
+
+
+def _filters(temperature, top_k, top_p, min_p, B, device):
+    """The four sampling parameters checked (numbers stay numbers, tensors become [B])."""
+    return (_param("temperature", temperature, B, torch.float32, device, lambda t: (t >= 0) & (t < float("inf")), ">= 0"),
+            _param("top_k", top_k, B, torch.int64, device, lambda k: k >= 0, ">= 0 (0 = off)"),
+            _param("top_p", top_p, B, torch.float32, device, lambda p: (p > 0) & (p <= 1), "in (0, 1]"),
+            _param("min_p", min_p, B, torch.float32, device, lambda p: (p >= 0) & (p <= 1), "in [0, 1]"))
 
 
 def _param(name, value, B, dtype, device, ok, allowed):
