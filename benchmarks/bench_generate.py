@@ -82,6 +82,7 @@ QWEN25_05B = Model("Qwen2.5-0.5B", "Qwen2ForCausalLM", _llama(hidden_size=896, n
                                                               intermediate_size=4864, vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6), 24)
 LLAMA32_1B = Model("Llama-3.2-1B", "LlamaForCausalLM", _llama(hidden_size=2048, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8,
                                                               head_dim=64, intermediate_size=8192, vocab_size=128256, rope_theta=500000.0,
+                                                              max_position_embeddings=131072,
                                                               rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
                                                                                 high_freq_factor=4.0, original_max_position_embeddings=8192)), 16)
 OLD = Workload("old", prompts=8, n=4, suffixes=4, suffix_len=2, new_tokens=64, prompt_len=32, reps=2)
@@ -239,12 +240,13 @@ def decode_share(model_obj, batch: int, context: int = 64, steps: int = 8) -> tu
     step_ms = engine.timings["decode_forward"] * 1e3 / (steps - 1)  # the first token comes from the prefill
     xs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in linear_weights(model_obj)}
     weights = linear_weights(model_obj)
-    torch.nn.functional.linear(xs[weights[0].shape[1]], weights[0])
-    t = time.perf_counter()
-    for _ in range(3):
+    passes = []
+    for _ in range(6):  # the fastest pass: a shared machine only ever makes a pass slower
+        t = time.perf_counter()
         for w in weights:
             torch.nn.functional.linear(xs[w.shape[1]], w)
-    return step_ms, (time.perf_counter() - t) * 1e3 / 3
+        passes.append(time.perf_counter() - t)
+    return step_ms, min(passes[1:]) * 1e3
 
 
 def decode_share_rows(path: Path, model: Model, batches) -> list[Row]:
