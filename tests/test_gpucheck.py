@@ -3,6 +3,7 @@ failed check makes the exit code non-zero, and without CUDA the full run refuses
 
 Each run is a fresh subprocess: the dry run sets TRITON_INTERPRET=1 before triton is imported,
 which cannot be undone in a process that has already imported it."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +14,10 @@ import torch
 
 from ctrlsafe.gpucheck import STAGES
 
-pytest.importorskip("triton")
+# find_spec, not importorskip: importing triton here, at collection, before the Triton test modules
+# set TRITON_INTERPRET=1, would leave their kernels compiled for a GPU
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("needs triton", allow_module_level=True)
 
 def gpucheck(*args, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
