@@ -4,3 +4,4 @@
 
 void register_all_ops(pybind11::module_& m);
 void register_sampling(pybind11::module_& m);
+void register_decode_attention(pybind11::module_& m);

@@ -21,7 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _C
 from .model import KVCache, ModelArgs
+from .ops.dispatch import backend_for
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 2}  # storage dtypes of the fused decode kernel
 
 
 @dataclass
@@ -37,6 +41,9 @@ class _Groups:
 
 
 class PrefixCache:
+    # "reference" forces the torch attention path (also CTRLSAFE_BACKEND=reference); None picks by device
+    backend: str | None = None
+
     def __init__(self, args: ModelArgs, prefix_k, prefix_v, prefix_len: torch.Tensor, row_prefix: torch.Tensor, suffix_capacity: int):
         self.prefix_k, self.prefix_v = prefix_k, prefix_v  # lists over layers of [P,Hkv,Lp,D]
         self.prefix_len = prefix_len.to(torch.int64)  # [P]
@@ -48,6 +55,7 @@ class PrefixCache:
         self._slots: torch.Tensor | None = None
         self._groups: _Groups | None = None
         self._step: tuple | None = None  # per-forward values shared by all layers (set at layer 0)
+        self._fused: tuple | None = None  # per-forward arguments of the fused decode kernel (set at layer 0)
 
     @classmethod
     def from_prompts(cls, model, prompts: list[list[int]], row_prefix: torch.Tensor, suffix_capacity: int) -> "PrefixCache":
@@ -108,6 +116,11 @@ class PrefixCache:
         R, Hq, T, D = q.shape
         if self._slots is None:
             self.slots = torch.arange(R, device=q.device)
+        if T == 1:
+            if layer == 0 or self._fused is None:
+                self._fused = self._prepare_decode(q, positions)
+            if self._fused[0]:
+                return self._attend_decode(layer, q, k, v)
         if layer == 0 or self._step is None:
             self._step = self._prepare_step(positions)
         offsets, Ls, suffix_mask, Lp, prefix_mask = self._step
@@ -121,6 +134,46 @@ class PrefixCache:
         o2, lse2 = partial_attention(q, ks, vs, suffix_mask)
         o1, lse1 = self._prefix_attention(layer, q, Lp, prefix_mask)
         return merge_attention(o1, lse1, o2, lse2).to(q.dtype)
+
+    def _prepare_decode(self, q, positions):
+        """Whether this T=1 forward runs the fused kernel, and its per-forward arguments."""
+        k0 = self.k[0]
+        ok = (q.device.type == "cpu" and backend_for(q.device, self.backend) == "cpu" and q.dtype in _DTYPE_CODE
+              and k0.dtype == q.dtype and self.prefix_k[0].dtype == q.dtype)
+        if not ok:
+            return (False,)
+        slots = self._slots.to(torch.int64).contiguous()
+        if len(slots) != q.shape[0] or positions.shape[0] != q.shape[0]:
+            raise ValueError(f"{q.shape[0]} query rows for {len(slots)} slots and {positions.shape[0]} positions")
+        row_prefix = self.row_prefix.contiguous()
+        prefix_len = self.prefix_len.contiguous()
+        positions = positions.to(torch.int64)
+        # the tensors are kept here so their data pointers stay valid for all layers
+        return (True, slots, row_prefix, prefix_len, positions)
+
+    def _attend_decode(self, layer, q, k, v):
+        """The fused C++ kernel (csrc/decode_attention.cpp) for one new token per row: writes the
+        token's K/V at each row's offset (position - prompt length) in its slot, then attends
+        over [its prompt's prefix keys | its suffix keys up to and including the new one] with
+        one softmax in fp32. Same result as the torch path below (the reference), up to float
+        rounding; out [R,Hq,1,D] in q's dtype."""
+        _, slots, row_prefix, prefix_len, positions = self._fused
+        R, Hq, _, D = q.shape
+        pk, pv, rk, rv = self.prefix_k[layer], self.prefix_v[layer], self.k[layer], self.v[layer]
+        if not (pk.is_contiguous() and pv.is_contiguous()):
+            pk, pv = pk.contiguous(), pv.contiguous()
+        if q.stride(3) != 1:
+            q = q.contiguous()
+        if k.stride(3) != 1 or v.stride(3) != 1 or k.dtype != rk.dtype or v.dtype != rk.dtype:
+            k, v = k.to(rk.dtype).contiguous(), v.to(rk.dtype).contiguous()
+        out = torch.empty(R, Hq, 1, D, dtype=q.dtype)
+        P, Hkv, Lp, _ = pk.shape
+        _C.decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+                            v.data_ptr(), v.stride(0), v.stride(1), pk.data_ptr(), pv.data_ptr(), rk.data_ptr(),
+                            rv.data_ptr(), slots.data_ptr(), row_prefix.data_ptr(), prefix_len.data_ptr(),
+                            positions.data_ptr(), positions.stride(0), out.data_ptr(), _DTYPE_CODE[rk.dtype], R, Hq,
+                            Hkv, D, P, Lp, rk.shape[0], rk.shape[2], True)
+        return out
 
     def _prepare_step(self, positions):
         """Offsets, lengths and masks of one forward; the same for every layer."""
