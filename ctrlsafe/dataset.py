@@ -237,6 +237,30 @@ def check_out_dir(out, config: dict, resume: bool) -> dict | None:
     return manifest
 
 
+def claim_out_dir(out, command: str) -> None:
+    """--out of a command that writes its whole output in one go from an input it leaves alone
+    (`ctrlsafe distill`, `ctrlsafe score` into a directory; no --resume). The directory must be
+    missing or empty, or hold a run of the same command that did not finish: status failed (it
+    stopped on an error, `mark_failed`) or running with no live writer (killed). Such a run's shards
+    are incomplete and derived from an input that is still there, so they are removed and the
+    (corrected) command starts over. Anything else is refused."""
+    out = Path(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    manifest = read_manifest(out)
+    status = (manifest or {}).get("status")
+    if manifest is None or status not in UNFINISHED or command not in (manifest.get("config") or {}):
+        what = f"a finished `ctrlsafe {command}` output" if manifest is not None and status == "complete" else (
+            f"a data set (status {status})" if manifest is not None else f"no {MANIFEST}")
+        raise FileExistsError(f"{out} is not empty ({what}); choose a new --out or delete it")
+    pid = _writer_alive(manifest)
+    if pid is not None:
+        raise FileExistsError(f"{out} is being written by process {pid} on this host; wait for it, stop it, or choose a new --out")
+    for p in shard_files(out):
+        p.unlink()
+    remove_temp_files(out)
+
+
 # -- reading back --------------------------------------------------------------------------------------
 def open_dataset(path) -> pads.Dataset:
     """A pyarrow dataset over a data set directory (or its data/ folder, or one shard)."""

@@ -273,7 +273,7 @@ def config_from_args(args) -> DistillConfig:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("data", help="a data set directory written by `ctrlsafe generate` (or by this command)")
+    p.add_argument("data", help="a data set directory written by `ctrlsafe generate`, `ctrlsafe score --out DIR` or this command")
     p.add_argument("--out", required=True, help="output directory (data/*.parquet + manifest.json)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--pairs", metavar="ATTR", help="emit TRL prompt/chosen/rejected pairs across the levels of ATTR")
@@ -294,35 +294,54 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     src = Path(args.data)
-    manifest = dataset.read_manifest(src)
+    manifest = dataset.read_manifest(src) if src.is_dir() else None
     if manifest is None:
-        raise FileNotFoundError(f"{src}: no {dataset.MANIFEST}; expected a directory written by `ctrlsafe generate`")
+        hint = (f"score it into a data set first: `ctrlsafe score --data {src} --rm NAME=SPEC --out DIR`" if src.is_file()
+                else "expected a directory written by `ctrlsafe generate` or `ctrlsafe score --out DIR`")
+        raise FileNotFoundError(f"{src}: no {dataset.MANIFEST}; {hint}")
     out = Path(args.out)
     if out.resolve() == src.resolve():
         raise ValueError("--out must differ from the input data set")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new --out")
     attributes = manifest["control_spec"]["attributes"]
-    trl_tok = _trl_tokenizer(args, manifest)  # before writing anything: a bad --tokenizer stops here
+    # every option is checked before anything is written
+    cfg = config_from_args(args)
     if args.pairs:
-        kind, counts = "pairs", _write_pairs(src, out, args, attributes)
+        kind = "pairs"
+        if args.pairs not in attributes:
+            raise ValueError(f"--pairs {args.pairs!r}: not an attribute of {src}; allowed: {list(attributes)}")
     elif args.mix:
-        kind, counts = "mix", _write_mix(src, out, args)
-    else:
-        kind, counts = "records", _refilter(src, out, config_from_args(args), attributes, manifest)
-    extra = {}
-    if trl_tok is not None:
-        from . import trl_data
-        from .controls import ControlSpec
+        from .mixing import parse_spec
 
-        counts["trl"] = trl_data.convert(out, kind, trl_tok, ControlSpec.from_dict(manifest["control_spec"]))
-        extra["trl"] = {"format": trl_data.KINDS[kind], "tokenizer": str(Path(args.tokenizer).resolve())}
+        kind = "mix"
+        parse_spec(args.mix)
+    else:
+        kind = "records"
+        cfg.check(attributes)
+    trl_tok = _trl_tokenizer(args, manifest)  # a bad --tokenizer stops here
+    dataset.claim_out_dir(out, "distill")  # empty, or an unfinished distill (failed, killed): started over
     options = {k: v for k, v in sorted(vars(args).items()) if k not in ("command", "data", "out")}
-    dataset.write_json({**extra,
-        **{k: manifest[k] for k in ("control_spec", "bins", "models") if k in manifest},
-        "format": dataset.FORMAT, "format_version": dataset.FORMAT_VERSION, "kind": kind, "status": "complete",
-        "source": str(src.resolve()), "config": {"distill": options}, "counts": counts,
-    }, out / dataset.MANIFEST)
+    base = {**{k: manifest[k] for k in ("control_spec", "bins", "models") if k in manifest},
+            "format": dataset.FORMAT, "format_version": dataset.FORMAT_VERSION, "kind": kind,
+            "source": str(src.resolve()), "config": {"distill": options}}
+    dataset.write_json({**base, "status": "running", "writer": dataset.writer_identity()}, out / dataset.MANIFEST)
+    try:
+        if kind == "pairs":
+            counts = _write_pairs(src, out, args, attributes)
+        elif kind == "mix":
+            counts = _write_mix(src, out, args)
+        else:
+            counts = _refilter(src, out, cfg, attributes, manifest)
+        extra = {}
+        if trl_tok is not None:
+            from . import trl_data
+            from .controls import ControlSpec
+
+            counts["trl"] = trl_data.convert(out, kind, trl_tok, ControlSpec.from_dict(manifest["control_spec"]))
+            extra["trl"] = {"format": trl_data.KINDS[kind], "tokenizer": str(Path(args.tokenizer).resolve())}
+    except Exception as e:  # the manifest says so; the corrected command may then reuse --out (claim_out_dir)
+        dataset.mark_failed(out, e)
+        raise
+    dataset.write_json({**extra, **base, "status": "complete", "counts": counts}, out / dataset.MANIFEST)
     print(f"ctrlsafe distill: wrote {out} ({kind}): " + ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, dict)))
     for k, v in counts.items():
         if isinstance(v, dict) and v:

@@ -515,76 +515,272 @@ def parse_rm_args(items: list[str]) -> dict[str, str]:
 
 
 # -- `ctrlsafe score` ----------------------------------------------------------------------------
+# Input: (prompt, response) rows from anywhere (vLLM, TGI, a human-labelled set), one file or a folder
+# of files. Output: either the input rows plus `scores` (a .jsonl / .parquet file), or a ctrlsafe data
+# set directory (shards in the generate schema + a manifest with control spec and bins) that
+# `ctrlsafe distill` filters and pairs exactly like the output of `ctrlsafe generate`.
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".csv", ".csv.gz", ".parquet", ".pq")
+FILE_OUTPUTS = (".jsonl", ".parquet")
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--data", required=True, help="JSONL/JSON/CSV/Parquet with 'prompt' (text or chat list) and 'response'")
-    p.add_argument("--rm", action="append", required=True, metavar="NAME=SPEC",
-                   help="a scorer: NAME=DIR (reward model, DIR#HEAD for one head), NAME=module:function or a built-in rule (refusal, safe, helps); repeat")
-    p.add_argument("--bins", help="level bins JSON (LevelBins.to_json) to add levels")
+    from .distill import add_rule_arguments
+
+    p.add_argument("--data", required=True,
+                   help="a JSONL/JSON/CSV/Parquet file or a folder of them (e.g. vLLM / TGI output) with 'prompt' (text or chat "
+                        "list) or 'messages', and 'response'; optional 'id', 'prompt_id', 'finish_reason' and 'scores' "
+                        "(attribute -> number, kept as attributes next to the --rm ones)")
+    p.add_argument("--rm", action="append", default=[], metavar="NAME=SPEC",
+                   help="a scorer: NAME=DIR (reward model, DIR#HEAD for one head), NAME=module:function or a built-in rule "
+                        "(refusal, safe, helps); repeat. Optional when the rows already carry 'scores'")
+    p.add_argument("--bins", help="level bins: a LevelBins JSON file or a data set directory (its manifest's bins); "
+                                  "a directory --out calibrates them when this is not given")
     p.add_argument("--calibrate-bins", metavar="FILE", help="calibrate quantile bins on these scores, write them to FILE and add levels")
-    p.add_argument("--levels", type=int, default=5, help="levels for --calibrate-bins (default 5)")
+    p.add_argument("--levels", type=int, default=5, help="levels per attribute when bins are calibrated")
     p.add_argument("--label-column", metavar="COLUMN|=harmful|=safe", help="whether each prompt is harmful, for the scorers safe and helps")
-    p.add_argument("--out", required=True, help="output .jsonl or .parquet: the input rows plus 'scores' (and 'levels')")
+    p.add_argument("--out", required=True,
+                   help="a directory: a ctrlsafe data set (data/*.parquet in the generate schema + manifest.json with the "
+                        "control spec and bins) for `ctrlsafe distill` and `ctrlsafe train`; or a .jsonl / .parquet file: "
+                        "the input rows plus 'scores' (and 'levels' with --bins / --calibrate-bins)")
+    p.add_argument("--chunk-size", type=int, default=1000, help="with a directory --out: prompts per shard")
     p.add_argument("--device", default="cpu", help="where the reward models run: cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="reward model weights and activations")
+    add_rule_arguments(p)  # a directory --out applies the MOEC rules like generate (rejected rows stay, kept=false)
 
 
 def run(args) -> int:
     if args.bins and args.calibrate_bins:
         raise ValueError("give --bins or --calibrate-bins, not both")
-    rows = read_pairs(args.data)
+    out = Path(args.out)
+    to_dir = out.suffix not in FILE_OUTPUTS
+    if to_dir and out.suffix in DATA_SUFFIXES + (".gz",):
+        raise ValueError(f"--out {out}: write a .jsonl or .parquet file, or a data set directory (a name without a file suffix)")
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    cfg = None
+    if to_dir:
+        from .distill import config_from_args
+
+        cfg = config_from_args(args)  # bad MOEC options stop here, before any scoring
+        from . import dataset
+
+        dataset.claim_out_dir(out, "score")
+
+    rows, prompts, where = read_inputs(args.data)
+    given_names, given = _given_scores(rows, where)
     specs = parse_rm_args(args.rm)
-    kw = {"device": args.device, "dtype": getattr(torch, args.dtype)}
-    scorer = Scorer({n: load_scorer(s, **kw) for n, s in specs.items()})
+    if not specs and not given_names:
+        raise ValueError(f"{args.data}: give at least one --rm NAME=SPEC (the rows carry no 'scores' to level)")
+    if cfg is not None:
+        cfg.check(list(given_names) + [n for n in specs if n not in given_names])  # --harmless-floor needs harmless
     harmful = None
     if args.label_column:
         from .prompts import parse_label
 
         harmful = [parse_label(args.label_column[1:] if args.label_column.startswith("=") else r.get(args.label_column),
-                               f"{args.data}: row {n}: field {args.label_column!r}") for n, r in enumerate(rows)]
-    result = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows], harmful=harmful)
+                               f"{w}: field {args.label_column!r}") for r, w in zip(rows, where)]
+    names, scores, values = list(given_names), given, {}
+    if specs:
+        kw = {"device": args.device, "dtype": getattr(torch, args.dtype)}
+        scorer = Scorer({n: load_scorer(s, **kw) for n, s in specs.items()})
+        result = scorer.score([p.value for p in prompts], [r["response"] for r in rows], harmful=harmful)
+        values = {n: v for n, v in scorer.values.items() if v is not None}
+        cols = {n: given[:, i] for i, n in enumerate(given_names)} if given is not None else {}
+        cols.update({n: result.scores[:, i] for i, n in enumerate(scorer.names)})  # an --rm replaces a given score
+        names = list(given_names) + [n for n in scorer.names if n not in given_names]
+        scores = torch.stack([cols[n] for n in names], 1) if rows else torch.empty(0, len(names))
     bins = None
     if args.bins:
-        bins = LevelBins.from_json(json.loads(Path(args.bins).read_text())).select(scorer.names)
-    elif args.calibrate_bins:
-        bins = LevelBins.calibrate(result.scores, scorer.names, args.levels, values=scorer.values)
-        _write_atomic(Path(args.calibrate_bins), lambda f: Path(f).write_text(json.dumps(bins.to_json(), indent=2) + "\n"))
-    levels = bins.to_levels(result.scores) if bins is not None else None
+        from .pipeline import read_bins_file
+
+        bins = LevelBins.from_json(read_bins_file(args.bins)).select(names)
+    elif args.calibrate_bins or to_dir:
+        bins = LevelBins.calibrate(scores, names, args.levels, values=values)
+        if args.calibrate_bins:
+            _write_atomic(Path(args.calibrate_bins), lambda f: Path(f).write_text(json.dumps(bins.to_json(), indent=2) + "\n"))
+    levels = bins.to_levels(scores) if bins is not None else None
+    if to_dir:
+        counts = _write_dataset(out, args, rows, prompts, where, names, scores, levels, bins, specs, cfg)
+        print(f"scored {len(rows)} pairs ({', '.join(names)}; {bins.levels} levels) -> {out}: kept {counts['kept']} of "
+              f"{counts['samples']}" + "".join(f", {k} {v}" for k, v in counts["drop_reasons"].items()))
+        return 0
     for n, row in enumerate(rows):
-        row["scores"] = dict(zip(scorer.names, result.scores[n].tolist()))
+        row["scores"] = dict(zip(names, scores[n].tolist()))
         if levels is not None:
-            row["levels"] = dict(zip(scorer.names, levels[n].tolist()))
-    write_rows(Path(args.out), rows)
-    print(f"scored {len(rows)} pairs with {', '.join(scorer.names)} -> {args.out}")
+            row["levels"] = dict(zip(names, levels[n].tolist()))
+    write_rows(out, rows, names, input_schema=_parquet_input_schema(args.data))
+    print(f"scored {len(rows)} pairs with {', '.join(names)} -> {args.out}")
     return 0
 
 
-def read_pairs(path) -> list[dict]:
-    """Rows with a 'prompt' (string or chat list) and a 'response' string; errors name the line."""
-    from .prompts import iter_rows
-
+def input_files(path) -> list[Path]:
+    """The data files of --data: the file itself, or a folder's JSONL/JSON/CSV/Parquet files in name order."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
         raise FileNotFoundError(f"data file {path} does not exist")
-    rows = []
-    for where, row in iter_rows(path):
-        if isinstance(row, Exception):
-            raise ValueError(f"{path}:{where}: {row}")
-        prompt, response = row.get("prompt"), row.get("response")
-        if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
-            raise ValueError(f"{path}:{where}: field 'prompt' must be a non-empty string or chat list, got {prompt!r:.60}")
-        if not isinstance(response, str):
-            raise ValueError(f"{path}:{where}: field 'response' must be a string, got {response!r:.60}")
-        rows.append(row)
-    return rows
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(DATA_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"{path}: no data files ({', '.join(DATA_SUFFIXES)}) in this folder")
+    return files
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
+def read_inputs(path) -> tuple[list[dict], list, list[str]]:
+    """(rows, prompts, locations): every row with a prompt (a 'prompt' string or chat list, or a
+    'messages' chat, read by the prompt loader's rules) and a 'response' string. Errors name the
+    file, the line/row and the field; a Parquet file without the columns names the columns it has."""
+    import pyarrow.parquet as pq
+
+    from .prompts import PromptError, _pick_column, _to_prompt, detect_format, iter_rows
+
+    rows, prompts, where = [], [], []
+    for f in input_files(path):
+        if detect_format(f) == "parquet":
+            cols = pq.read_schema(f).names
+            missing = [c for c, ok in (("prompt' or 'messages", {"prompt", "messages"} & set(cols)), ("response", "response" in cols)) if not ok]
+            if missing:
+                raise ValueError(f"{f}: no '{missing[0]}' column (columns: {', '.join(cols) or 'none'})")
+        for n, (loc, row) in enumerate(iter_rows(f)):
+            at = f"{f}:{loc}"
+            if isinstance(row, Exception):
+                raise ValueError(f"{at}: {row}")
+            if not isinstance(row, dict):
+                raise ValueError(f"{at}: expected an object with fields, got {type(row).__name__}")
+            try:
+                # a chat wins over the flat prompt text when a row has both (ctrlsafe's own records do)
+                column = "messages" if row.get("messages") is not None else _pick_column(row)
+                prompt = _to_prompt(row, n, column, "id", "context")
+            except PromptError as e:
+                raise ValueError(f"{at}: {e}") from None
+            response = row.get("response")
+            if not isinstance(response, str):
+                got = f"got {response!r:.60}" if "response" in row else f"the row has none (fields: {', '.join(map(str, row))})"
+                raise ValueError(f"{at}: field 'response' must be a string, {got}")
+            rows.append(row)
+            prompts.append(prompt)
+            where.append(at)
+    return rows, prompts, where
+
+
+def read_pairs(path) -> list[dict]:
+    """Rows with a prompt and a 'response' string (see read_inputs); errors name the file and line."""
+    return read_inputs(path)[0]
+
+
+def _given_scores(rows, where) -> tuple[list[str], torch.Tensor | None]:
+    """Scores the rows already carry ('scores': attribute -> number; a struct or a map column):
+    the attribute names and a [N, K] tensor, or ([], None) when no row has them."""
+    if not any(r.get("scores") is not None for r in rows):
+        return [], None
+    names, out = None, []
+    for r, at in zip(rows, where):
+        s = r.get("scores")
+        if isinstance(s, list) and all(isinstance(kv, (tuple, list)) and len(kv) == 2 for kv in s):
+            s = dict(s)  # a Parquet map<string, double> column reads as key/value pairs
+        if not isinstance(s, dict) or not s:
+            raise ValueError(f"{at}: field 'scores' must be an object attribute -> number (or absent in every row), got {s!r:.60}")
+        if names is None:
+            names = list(s)
+        elif set(s) != set(names):
+            raise ValueError(f"{at}: field 'scores' has attributes {sorted(s)}, earlier rows have {sorted(names)}")
+        for k in names:
+            v = s[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                raise ValueError(f"{at}: field 'scores.{k}' is {v!r}, expected a number")
+        out.append([float(s[k]) for k in names])
+    return names, torch.tensor(out, dtype=torch.float32).reshape(len(out), len(names))
+
+
+def _prompt_key(prompt) -> str:
+    """A stable prompt id from the prompt itself, so the samples of one prompt group together."""
+    import hashlib
+
+    value = prompt.text if prompt.messages is None else json.dumps(list(prompt.messages), ensure_ascii=False, sort_keys=True)
+    return "p" + hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+def _write_dataset(out: Path, args, rows, prompts, where, names, scores, levels, bins, specs, cfg) -> dict:
+    """The scored rows as a ctrlsafe data set: one record per row in the generate schema (control =
+    the measured levels, requested null), shards of --chunk-size prompts (a prompt's samples never
+    span shards, as `distill` needs), the MOEC rules, and a manifest that `distill` reads."""
+    from . import dataset, distill
+    from .controls import ControlSpec
+    from .pipeline import _identity, _now
+
+    try:
+        spec = ControlSpec(tuple(names), bins.levels)
+    except ValueError as e:
+        raise ValueError(f"{args.data}: the score attributes {names} cannot become controls ({e})") from None
+    groups: dict[str, list[int]] = {}
+    for i, (r, p) in enumerate(zip(rows, prompts)):
+        pid = r.get("prompt_id")
+        groups.setdefault(str(pid) if pid not in (None, "") else _prompt_key(p), []).append(i)
+    records, seen = {}, {}
+    for pid, members in groups.items():
+        for k, i in enumerate(members):
+            r, p = rows[i], prompts[i]
+            rid = str(r["id"]) if r.get("id") not in (None, "") else f"{pid}/{k}"
+            if rid in seen:
+                raise ValueError(f"{where[i]}: field 'id': duplicate id {rid!r} (first at {seen[rid]})")
+            seen[rid] = where[i]
+            finish = r.get("finish_reason")
+            records[i] = {
+                "id": rid, "prompt_id": pid, "prompt": p.display,
+                "messages": json.dumps(list(p.messages), ensure_ascii=False) if p.messages is not None else None,
+                "requested": None, "control": dict(zip(names, levels[i].tolist())), "sample_index": k,
+                "response": r["response"], "scores": dict(zip(names, scores[i].tolist())),
+                "finish_reason": None if finish is None else str(finish),
+            }
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in ("command", "out", "device")}
+    started = _now()
+    manifest = {
+        "format": dataset.FORMAT, "format_version": dataset.FORMAT_VERSION, "kind": "records",
+        "source": str(Path(args.data).resolve()), "config": {"score": options}, "control_spec": spec.to_dict(),
+        "bins": bins.to_json(), "models": {"reward_models": {n: {"spec": s, **_identity(s, hash_weights=True)} for n, s in specs.items()},
+                                           "given_scores": [n for n in names if n not in specs]},
+        "started_at": started, "writer": dataset.writer_identity(),
+    }
+    dataset.write_json({**manifest, "status": "running", "updated_at": started}, out / dataset.MANIFEST)
+    try:
+        pids = list(groups)
+        for c in range(0, len(pids), args.chunk_size):
+            chunk = [records[i] for pid in pids[c:c + args.chunk_size] for i in groups[pid]]
+            distill.apply_rules(chunk, cfg, names, bins.to_json()["edges"])
+            dataset.write_table(dataset.records_to_table(chunk, names), dataset.shard_path(out, c // args.chunk_size))
+        cap = distill.apply_cell_cap(out, cfg, names) if rows else None
+        counts = {**distill.count(out, names), "cell_cap": cap} if rows else {"samples": 0, "kept": 0, "drop_reasons": {}}
+    except Exception as e:  # the manifest says so; the corrected command may then reuse --out
+        dataset.mark_failed(out, e)
+        raise
+    dataset.write_json({**manifest, "status": "complete", "updated_at": _now(), "counts": counts}, out / dataset.MANIFEST)
+    return counts
+
+
+def _parquet_input_schema(path):
+    """The Arrow schema of a Parquet --data (every file of a folder must agree), else None."""
+    import pyarrow.parquet as pq
+
+    from .prompts import detect_format
+
+    files = [f for f in input_files(path) if detect_format(f) == "parquet"]
+    if not files or len(files) != len(input_files(path)):
+        return None
+    schemas = [pq.read_schema(f) for f in files]
+    return schemas[0] if all(s.remove_metadata().equals(schemas[0].remove_metadata()) for s in schemas) else None
+
+
+def write_rows(path: Path, rows: list[dict], names: list[str] | None = None, *, input_schema=None) -> None:
+    """A .jsonl, or a .parquet with an explicit schema: the input's own column types when it was
+    Parquet (so every file scored from one producer's shards has the same schema), 'scores' as
+    struct<name: float32> and 'levels' as struct<name: int32>; an input column that is null in
+    every row is typed string (not Arrow's `null`), so such files still load as one dataset."""
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            table = pa.Table.from_pylist(rows)
+            table = pa.Table.from_pylist(rows, schema=_output_schema(rows, names, input_schema))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise ValueError(f"--out {path}: these rows do not fit one Parquet schema ({e}); write .jsonl instead") from None
         _write_atomic(path, lambda f: pq.write_table(table, f))
@@ -592,6 +788,26 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         _write_atomic(path, lambda f: Path(f).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     else:
         raise ValueError(f"--out {path}: expected a .jsonl or .parquet file name")
+
+
+def _output_schema(rows, names, input_schema):
+    import pyarrow as pa
+
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    for r in rows:  # every row gets every column (null where a JSONL row lacks it)
+        for k in columns:
+            r.setdefault(k, None)
+    inferred = pa.Table.from_pylist(rows).schema if rows else pa.schema([])
+    fields = []
+    for k in columns:
+        if k == "scores" and names is not None:
+            fields.append(pa.field(k, pa.struct([(n, pa.float32()) for n in names])))
+        elif k == "levels" and names is not None:
+            fields.append(pa.field(k, pa.struct([(n, pa.int32()) for n in names])))
+        else:
+            t = input_schema.field(k).type if input_schema is not None and k in input_schema.names else inferred.field(k).type
+            fields.append(pa.field(k, pa.string() if pa.types.is_null(t) else t))
+    return pa.schema(fields)
 
 
 def _write_atomic(path: Path, write) -> None:

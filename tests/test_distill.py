@@ -172,3 +172,199 @@ def test_distill_refuses_a_non_dataset(tmp_path, capsys):
     """A directory without a manifest is named as such."""
     assert main(["distill", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+# -- samples generated elsewhere (vLLM, TGI): score -> data set -> distill ------------------------------
+SCORERS = '''
+def words(prompts, responses):
+    return [float(len(r.split())) + 0.01 * len(r) for r in responses]
+
+def boom(prompts, responses):
+    raise RuntimeError("scorer exploded")
+'''
+
+
+@pytest.fixture
+def scorer_module(tmp_path, monkeypatch):
+    (tmp_path / "ext_scorers.py").write_text(SCORERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "ext_scorers"
+
+
+def _external_rows(n_prompts=6):
+    """vLLM-style rows: several responses per prompt of different lengths, some prompts as chats."""
+    rows = []
+    for p in range(n_prompts):
+        chat = p % 2 == 1
+        for k in range(4):
+            text = " ".join(f"w{p}x{k}y{j}" for j in range(1 + 4 * k + p % 3))
+            rows.append({
+                "prompt": None if chat else f"question number {p}",
+                "messages": [{"role": "user", "content": f"chat question {p}"}] if chat else None,
+                "response": text, "finish_reason": "stop",
+            })
+    return rows
+
+
+def _write_parquet(path, rows):
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_external_parquet_score_then_pairs(tmp_path, scorer_module):
+    """An external Parquet folder with no manifest goes through `score --out DIR` (a module:function
+    scorer) and `distill --pairs`: every pair's chosen sample has the higher level (and the higher
+    score) of the attribute, both sides come from the same prompt, and chats keep their messages."""
+    src = tmp_path / "vllm"
+    rows = _external_rows()
+    _write_parquet(src / "part-0.parquet", rows[:12])
+    _write_parquet(src / "part-1.parquet", rows[12:])
+    scored = tmp_path / "scored"
+    assert main(["score", "--data", str(src), "--rm", f"helpful={scorer_module}:words", "--levels", "3",
+                 "--out", str(scored)]) == 0
+    m = json.loads((scored / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["control_spec"] == {"attributes": ["helpful"], "levels": 3}
+    assert len(m["bins"]["edges"]["helpful"]) == 2 and m["counts"]["samples"] == 24
+    records = dataset.read_dataset(scored).to_pylist()
+    assert len({r["id"] for r in records}) == 24 and len({r["prompt_id"] for r in records}) == 6
+    assert all(json.loads(r["messages"])[0]["content"] == r["prompt"] for r in records if r["messages"])
+
+    out = tmp_path / "pairs"
+    assert main(["distill", str(scored), "--out", str(out), "--pairs", "helpful"]) == 0
+    pairs = dataset.read_dataset(out).to_pylist()
+    by_id = {r["id"]: r for r in records}
+    assert pairs
+    for p in pairs:
+        chosen, rejected = by_id[p["chosen_id"]], by_id[p["rejected_id"]]
+        assert p["chosen_control"]["helpful"] > p["rejected_control"]["helpful"]
+        assert chosen["scores"]["helpful"] > rejected["scores"]["helpful"]
+        assert chosen["prompt_id"] == rejected["prompt_id"] == p["prompt_id"] and chosen["kept"] and rejected["kept"]
+        assert (p["chosen"], p["rejected"]) == (chosen["response"], rejected["response"])
+
+
+def test_external_jsonl_given_scores_plain_distill_reasons(tmp_path, scorer_module):
+    """Rows that already carry `scores` (here harmless) are levelled next to an --rm scorer; a plain
+    `distill` of the score output drops by the documented rules, with reasons, and keeps the rest."""
+    rows = _external_rows(4)
+    for i, r in enumerate(rows):
+        r["scores"] = {"harmless": float(i % 8)}
+    rows[0]["response"] = "   "
+    rows[1]["response"] = "go go go go go go go go go go go go"
+    data = tmp_path / "tgi.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored = tmp_path / "scored"
+    assert main(["score", "--data", str(data), "--rm", f"helpful={scorer_module}:words", "--levels", "4",
+                 "--no-distill", "--out", str(scored)]) == 0
+    m = json.loads((scored / "manifest.json").read_text())
+    assert m["control_spec"]["attributes"] == ["harmless", "helpful"] and m["counts"]["kept"] == 16
+    out = tmp_path / "floor"
+    assert main(["distill", str(scored), "--out", str(out), "--harmless-floor", "1", "--cell-cap", "none",
+                 "--prompt-cell-cap", "0", "--edge-margin", "0"]) == 0
+    got = dataset.read_dataset(out).to_pylist()
+    reasons_ = {r["response"]: r["drop_reason"] for r in got}
+    assert reasons_["   "] == "empty" and reasons_["go go go go go go go go go go go go"] == "repetitive"
+    for r in got[2:]:
+        assert r["drop_reason"] == ("harmless_floor" if r["control"]["harmless"] < 1 else None)
+        assert r["kept"] == (r["drop_reason"] is None)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["kept"] == sum(r["kept"] for r in got) > 0 and set(counts["drop_reasons"]) == {"empty", "repetitive", "harmless_floor"}
+
+
+def test_score_errors_name_file_row_and_columns(tmp_path, scorer_module, capsys):
+    """A Parquet without `response` is reported with its file and the columns it has; a JSONL row
+    without it, or with a bad given score, with file, line and field; distill on a bare file says
+    how to make it a data set."""
+    rm = ["--rm", f"helpful={scorer_module}:words"]
+    bad = _write_parquet(tmp_path / "in" / "a.parquet", [{"prompt": "q", "answer": "a"}])
+    assert main(["score", "--data", str(bad.parent), *rm, "--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: no 'response' column (columns: prompt, answer)" in err
+
+    j = tmp_path / "b.jsonl"
+    j.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n" + json.dumps({"prompt": "q", "text": "a"}) + "\n")
+    assert main(["score", "--data", str(j), *rm, "--out", str(tmp_path / "o2")]) == 2
+    assert f"{j}:line 2: field 'response' must be a string, the row has none (fields: prompt, text)" in capsys.readouterr().err
+
+    j.write_text(json.dumps({"prompt": "q", "response": "a", "scores": {"harmless": 1}}) + "\n"
+                 + json.dumps({"prompt": "q", "response": "b", "scores": {"harmless": "high"}}) + "\n")
+    assert main(["score", "--data", str(j), *rm, "--out", str(tmp_path / "o3")]) == 2
+    assert f"{j}:line 2: field 'scores.harmless' is 'high', expected a number" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()
+
+    assert main(["distill", str(j), "--out", str(tmp_path / "o4")]) == 2
+    assert "ctrlsafe score --data" in capsys.readouterr().err
+
+
+def test_score_output_shards_with_all_null_columns_load_as_one_dataset(tmp_path, scorer_module):
+    """Score output shards where a column is null in a whole shard (messages of plain prompts,
+    finish_reason) have one explicit schema, so plain pyarrow.dataset reads the folder; a .parquet
+    file output types scores/levels explicitly and an all-null column as string, not Arrow null."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    rows = _external_rows(4)
+    for r in rows[:8]:
+        del r["finish_reason"]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored = tmp_path / "scored"
+    assert main(["score", "--data", str(data), "--rm", f"helpful={scorer_module}:words", "--levels", "3",
+                 "--chunk-size", "1", "--out", str(scored)]) == 0
+    shards = dataset.shard_files(scored)
+    assert len(shards) == 4
+    schemas = [pq.read_schema(s) for s in shards]
+    assert all(s.equals(schemas[0]) for s in schemas) and schemas[0].equals(dataset.record_schema(["helpful"]))
+    table = pads.dataset(str(scored / "data"), format="parquet").to_table()
+    assert table.num_rows == 16 and table.column("messages").null_count == 8
+
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": "q", "response": f"r {i}", "note": None}) + "\n" for i in range(3)))
+    noted = tmp_path / "noted.jsonl"
+    noted.write_text("".join(json.dumps({"prompt": "q", "response": f"r {i}", "note": "n"}) + "\n" for i in range(3)))
+    for src, dst in ((plain, a), (noted, b)):
+        assert main(["score", "--data", str(src), "--rm", f"helpful={scorer_module}:words", "--out", str(dst)]) == 0
+    assert pq.read_schema(a).equals(pq.read_schema(b))
+    assert pads.dataset([str(a), str(b)], format="parquet").to_table().num_rows == 6
+
+
+def test_failed_distill_out_is_reusable(tmp_path, capsys):
+    """A distill that fails after writing a shard marks its manifest failed; the corrected command
+    reuses that --out (stale shards removed), and so does one whose writer was killed; a finished
+    --out is still refused."""
+    import subprocess
+    import sys
+
+    src = _dataset_dir(tmp_path)
+    good = dataset.shard_files(src)[1].read_bytes()
+    dataset.shard_files(src)[1].write_bytes(b"not parquet")  # an exception in the second shard
+    out = tmp_path / "pairs"
+    cmd = ["distill", str(src), "--out", str(out), "--pairs", "helpful"]
+    assert main(cmd) == 2
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "failed" and m["error"] and len(dataset.shard_files(out)) == 1
+    capsys.readouterr()
+    assert main(cmd + ["--pair-others", "any"]) == 2  # still broken input: fails again, same --out accepted
+    assert "not empty" not in capsys.readouterr().err
+
+    dataset.shard_files(src)[1].write_bytes(good)
+    assert main(cmd) == 0
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert len(dataset.read_dataset(out).to_pylist()) == 4
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / "killed"
+    assert main(["distill", str(src), "--out", str(killed), "--harmless-floor", "1"]) == 0
+    m = json.loads((killed / "manifest.json").read_text())
+    m.update(status="running", writer={**m.get("writer", {}), "pid": dead.pid, "host": __import__("socket").gethostname()})
+    (killed / "manifest.json").write_text(json.dumps(m))
+    assert main(["distill", str(src), "--out", str(killed), "--harmless-floor", "2"]) == 0
+    assert json.loads((killed / "manifest.json").read_text())["config"]["distill"]["harmless_floor"] == 2
+
+    capsys.readouterr()
+    assert main(cmd) == 2
+    assert "not empty" in capsys.readouterr().err
