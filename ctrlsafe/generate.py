@@ -12,8 +12,8 @@ Order of work for one wave of rows (see `Engine._run_wave`):
      n-1 rows (copying 1-3 control tokens per row is cheaper than recomputing them n times and
      keeps every row's storage uniform for decoding);
   3. all rows decode together: one model forward and one sampler call per step for all live
-     rows, with per-row seed tensors. Attention over the shared prefix is one batched matmul per
-     prompt (kv_cache.py), the per-row suffix is read as a view of contiguous slots.
+     rows, with per-row seed tensors. Each row attends over [its prompt's shared prefix | its own
+     suffix] without a copy of the prefix (kv_cache.py: one fused C++ kernel per layer on CPU).
   4. rows that finish (EOS, stop string, max_new_tokens) retire; when enough have retired the
      live rows are compacted so finished rows stop costing compute.
 More rows than fit (max_rows, max_batch_tokens) run in consecutive waves.
@@ -54,10 +54,14 @@ class Completion:
     sample_index: int
     token_ids: list[int]  # generated ids; the EOS token that ended the row is NOT included
     text: str | None  # decoded token_ids (special tokens skipped), cut before a stop string; None without tokenizer
-    logprobs: list[float]  # one per token_ids entry, from the sampler
+    logprobs: list[float]  # one per token_ids entry: log-prob under the processed distribution it was drawn from
     finish_reason: str  # "eos" | "stop" | "length"
     seed: int  # the row seed (row_seed(seed, prompt_key, control_index, sample_index))
     eos_token_id: int | None = None  # which EOS id ended the row (finish_reason "eos")
+    # with generate(raw_logprobs=True): the model's log_softmax(logits)[token] per token (untempered,
+    # unfiltered, before control tokens / early EOS are masked: the policy's own log-prob, as RL
+    # objectives compute it); None otherwise
+    raw_logprobs: list[float] | None = None
 
 
 def row_seed(seed: int, prompt_key: int, control_index: int, sample_index: int) -> int:
@@ -97,6 +101,7 @@ class _Request:
     min_new_tokens: int
     stop: list[str]
     progress: Callable[[int], None] | None
+    raw_logprobs: bool = False
     done: int = 0  # rows completed so far (for progress)
     results: list[Completion] = field(default_factory=list)
 
@@ -148,7 +153,7 @@ class Engine:
     def generate(self, prompts: Sequence, controls=None, n: int = 1, sampling: SamplingParams = SamplingParams(),
                  max_new_tokens: int = 64, stop: str | Sequence[str] | None = None, seed: int = 0,
                  min_new_tokens: int = 0, truncate: str | None = None, prompt_keys: Sequence[int] | None = None,
-                 progress: Callable[[int], None] | None = None) -> list[Completion]:
+                 progress: Callable[[int], None] | None = None, raw_logprobs: bool = False) -> list[Completion]:
         """Sample `n` responses for every (prompt, control); sorted by (prompt, control, sample).
 
         prompts: strings or chat message lists (rendered with the tokenizer's chat template), or
@@ -157,8 +162,10 @@ class Engine:
         truncate="left" keeps the last tokens of prompts too long for the context (else an error).
         prompt_keys: a stable integer per prompt used in the seed instead of its list index.
         progress: called with the number of completed rows after each batch of retirements.
+        raw_logprobs: also return each token's log_softmax(logits) log-prob (Completion.raw_logprobs).
         """
         req = self._request(prompts, controls, n, sampling, max_new_tokens, stop, seed, min_new_tokens, truncate, prompt_keys, progress)
+        req.raw_logprobs = bool(raw_logprobs)
         self.timings = dict.fromkeys(("prefill", "decode_forward", "sampling", "other"), 0.0)
         start = time.perf_counter()
         for wave in self._waves(req):
@@ -288,6 +295,7 @@ class Engine:
         eos_hit: list[int | None] = [None] * R
         tokens = torch.zeros(R, req.max_new_tokens, dtype=torch.int64, device=dev)
         logprobs = torch.zeros(R, req.max_new_tokens, dtype=torch.float32, device=dev)
+        raw = torch.zeros(R, req.max_new_tokens, dtype=torch.float32, device=dev) if req.raw_logprobs else None
         length = [req.max_new_tokens] * R
         reason = ["length"] * R
         # live batch state, compacted together with the cache
@@ -299,6 +307,8 @@ class Engine:
         sp = req.sampling
         for t in range(req.max_new_tokens):
             t1 = time.perf_counter()
+            if raw is not None:  # normalised before the masking below: the model's own distribution
+                lse = torch.logsumexp(logits.float(), -1)
             if t < req.min_new_tokens and len(self._eos):
                 logits[:, self._eos] = float("-inf")
             if len(self._suppress):  # a control token is an input, never a response token
@@ -311,6 +321,8 @@ class Engine:
                 raise RuntimeError(f"non-finite logits for prompt {bad.prompt}, control {bad.control}, sample {bad.sample} at token {t}")
             tokens[live, t] = out.tokens
             logprobs[live, t] = out.logprobs
+            if raw is not None:  # a sampled token is never a masked one: its logit is still the model's
+                raw[live, t] = logits.gather(1, out.tokens[:, None])[:, 0].float() - lse
             is_eos = torch.isin(out.tokens, self._eos) & alive
             stopped = self._stop_hit(req, tokens, live, t) & alive if req.stop else torch.zeros_like(alive)
             ended = (is_eos | stopped) if t + 1 < req.max_new_tokens else alive.clone()
@@ -336,7 +348,7 @@ class Engine:
             logits = self._forward(tok[:, None], (position + t)[:, None], cache)
             self._sync()
             self.timings["decode_forward"] += time.perf_counter() - t2
-        self._finish(req, rows, tokens, logprobs, length, reason, eos_hit)
+        self._finish(req, rows, tokens, logprobs, raw, length, reason, eos_hit)
 
     def _prefill_suffixes(self, req: _Request, cache: PrefixCache, units, row_unit) -> torch.Tensor:
         """Next-token logits [U,V] of every (prompt, control) unit, and its suffix K/V in all its rows.
@@ -378,8 +390,9 @@ class Engine:
         tails = self.tokenizer.batch_decode(tokens[live, max(0, t + 1 - window) : t + 1].tolist(), skip_special_tokens=True)
         return torch.tensor([any(s in text for s in req.stop) for text in tails], device=self.device)
 
-    def _finish(self, req: _Request, rows, tokens, logprobs, length, reason, eos_hit):
+    def _finish(self, req: _Request, rows, tokens, logprobs, raw, length, reason, eos_hit):
         tokens, logprobs = tokens.tolist(), logprobs.tolist()
+        raw = raw.tolist() if raw is not None else None
         for w, row in enumerate(rows):
             ids = tokens[w][: length[w]]
             text = None
@@ -391,6 +404,7 @@ class Engine:
                 prompt_index=row.prompt, control_index=row.control, control=req.controls[row.control],
                 sample_index=row.sample, token_ids=ids, text=text, logprobs=logprobs[w][: length[w]],
                 finish_reason=reason[w], seed=row.seed, eos_token_id=eos_hit[w],
+                raw_logprobs=raw[w][: length[w]] if raw is not None else None,
             ))
 
     def _sync(self):

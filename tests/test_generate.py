@@ -55,15 +55,17 @@ def random_prompts(vocab, lengths, seed=0):
 
 
 def reference_rows(model, prompts, suffixes, n, sampling, max_new, min_new, eos, seed=0, keys=None):
-    """Every row alone, no cache, no sharing: full forward over the whole sequence each step."""
+    """Every row alone, no cache, no sharing: full forward over the whole sequence each step.
+    Per row: (tokens, sampler logprobs, finish reason, the model's log_softmax logprobs)."""
     out = {}
     for i, p in enumerate(prompts):
         for c, s in enumerate(suffixes):
             for j in range(n):
                 rs = row_seed(seed, i if keys is None else keys[i], c, j)
-                seq, toks, lps, reason = list(p) + list(s), [], [], "length"
+                seq, toks, lps, raws, reason = list(p) + list(s), [], [], [], "length"
                 for t in range(max_new):
                     logits = model(torch.tensor([seq]))[:, -1]
+                    raw = torch.log_softmax(logits.double(), -1)[0]
                     if t < min_new:
                         logits[:, eos] = float("-inf")
                     o = sample(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
@@ -74,8 +76,9 @@ def reference_rows(model, prompts, suffixes, n, sampling, max_new, min_new, eos,
                         break
                     toks.append(tok)
                     lps.append(float(o.logprobs[0]))
+                    raws.append(float(raw[tok]))
                     seq.append(tok)
-                out[i, c, j] = (toks, lps, reason)
+                out[i, c, j] = (toks, lps, reason, raws)
     return out
 
 
@@ -109,16 +112,19 @@ def test_greedy_equals_transformers_generate(hf_pair):
 def test_sampling_equals_no_cache_reference_loop(model):
     """With sampling (temperature, top-k, top-p, min-p), every row's tokens equal a plain loop that
     recomputes the row alone with no cache from the same row seed; logprobs agree; EOS from a list
-    of ids retires rows mid-batch (exercising compaction) and is suppressed before min_new_tokens."""
+    of ids retires rows mid-batch (exercising compaction) and is suppressed before min_new_tokens.
+    raw_logprobs are the model's own log_softmax at each token, unaffected by that suppression."""
     prompts = random_prompts(97, [2, 23, 9])
     suffixes = [[4, 5], [], [8, 9, 10]]
     eos = [3, 11, 12, 13, 14, 15]
     engine = Engine(model, eos_token_ids=eos)
-    outs = engine.generate(prompts, suffixes, n=3, sampling=SAMPLING, max_new_tokens=14, min_new_tokens=2, seed=7)
+    outs = engine.generate(prompts, suffixes, n=3, sampling=SAMPLING, max_new_tokens=14, min_new_tokens=2, seed=7,
+                           raw_logprobs=True)
     ref = reference_rows(model, prompts, suffixes, 3, SAMPLING, 14, 2, eos, seed=7)
     reasons = set()
     for c in outs:
-        toks, lps, reason = ref[c.prompt_index, c.control_index, c.sample_index]
+        toks, lps, reason, raws = ref[c.prompt_index, c.control_index, c.sample_index]
+        assert torch.allclose(torch.tensor(c.raw_logprobs, dtype=torch.float64), torch.tensor(raws, dtype=torch.float64), atol=1e-4)
         assert c.token_ids == toks, (c.prompt_index, c.control_index, c.sample_index)
         assert c.finish_reason == reason
         assert torch.allclose(torch.tensor(c.logprobs), torch.tensor(lps), atol=1e-4)
