@@ -46,6 +46,9 @@ class SamplingParams:
     min_p: float = 0.0  # 0 = off
 
 
+REASONS = ("length", "eos", "stop")  # Completion.finish_reason values, by the codes the decode loop keeps
+
+
 @dataclass
 class Completion:
     prompt_index: int  # index into the `prompts` list given
@@ -114,15 +117,26 @@ class Engine:
     COMPACT_FRACTION = 1 / 8
 
     def __init__(self, model, tokenizer=None, control_spec: ControlSpec | None = None, *, max_batch_tokens: int = 16384,
-                 max_rows: int = 256, eos_token_ids=None, compile: bool = False):
+                 max_rows: int = 256, eos_token_ids=None, compile: bool = False, sync_every: int | None = None,
+                 profile: bool = False):
+        """sync_every: decode steps between host reads of the batch state (errors, progress,
+        retiring finished rows). Between them nothing waits for the device, and a finished row
+        runs on for up to sync_every - 1 steps whose tokens are discarded; results do not depend
+        on it. Default 1 on CPU (no device to wait for), 8 on CUDA. Stop strings check every step.
+        profile: synchronise CUDA around each phase so `timings` measure the device (costs the
+        overlap); on CPU timings are exact anyway."""
         if max_rows < 1 or max_batch_tokens < 1:
             raise ValueError(f"max_rows ({max_rows}) and max_batch_tokens ({max_batch_tokens}) must be >= 1")
+        if sync_every is not None and (not isinstance(sync_every, int) or sync_every < 1):
+            raise ValueError(f"sync_every must be an integer >= 1 (or None for the device default), got {sync_every!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.control_spec = control_spec
         self.max_rows, self.max_batch_tokens = max_rows, max_batch_tokens
         self.eos_token_ids = self._resolve_eos(eos_token_ids)
         self.device = model.embed_tokens.weight.device
+        self.sync_every = sync_every or (8 if self.device.type == "cuda" else 1)
+        self.profile = profile
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.int64, device=self.device)
         self._suppress = torch.tensor(self._control_token_ids(), dtype=torch.int64, device=self.device)
         self._forward = torch.compile(self._decode_forward, dynamic=True) if compile else self._decode_forward
@@ -292,19 +306,24 @@ class Engine:
         self._sync()
         self.timings["prefill"] += time.perf_counter() - t0
 
-        eos_hit: list[int | None] = [None] * R
         tokens = torch.zeros(R, req.max_new_tokens, dtype=torch.int64, device=dev)
         logprobs = torch.zeros(R, req.max_new_tokens, dtype=torch.float32, device=dev)
         raw = torch.zeros(R, req.max_new_tokens, dtype=torch.float32, device=dev) if req.raw_logprobs else None
-        length = [req.max_new_tokens] * R
-        reason = ["length"] * R
+        # per wave row, kept on the device: no host read per step (see sync_every)
+        length = torch.full((R,), req.max_new_tokens, dtype=torch.int64, device=dev)
+        reason = torch.zeros(R, dtype=torch.int64, device=dev)  # index into REASONS
+        eos_hit = torch.full((R,), -1, dtype=torch.int64, device=dev)
+        invalid_at = torch.full((R,), -1, dtype=torch.int64, device=dev)  # first step with non-finite logits
         # live batch state, compacted together with the cache
         live = torch.arange(R, device=dev)  # wave row of each batch position
         alive = torch.ones(R, dtype=torch.bool, device=dev)
         seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64, device=dev)
         position = cache.prefix_len[row_prefix] + suffix_len  # position of the next token fed in
+        longest_suffix = int(suffix_len.max())
         cache.slots = torch.arange(R, device=dev)
         sp = req.sampling
+        check_every = 1 if req.stop else self.sync_every  # stop strings are matched on the host anyway
+        finished = 0  # wave rows known (on the host) to have finished
         for t in range(req.max_new_tokens):
             t1 = time.perf_counter()
             if raw is not None:  # normalised before the masking below: the model's own distribution
@@ -316,38 +335,38 @@ class Engine:
             out = sample(logits, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, seed=seeds, step=t)
             self._sync()
             self.timings["sampling"] += time.perf_counter() - t1
-            if not bool(out.valid.all()):
-                bad = rows[int(live[(~out.valid).nonzero()[0, 0]])]
-                raise RuntimeError(f"non-finite logits for prompt {bad.prompt}, control {bad.control}, sample {bad.sample} at token {t}")
+            seen = invalid_at[live]
+            invalid_at[live] = torch.where(~out.valid & alive & (seen < 0), t, seen)
             tokens[live, t] = out.tokens
             logprobs[live, t] = out.logprobs
             if raw is not None:  # a sampled token is never a masked one: its logit is still the model's
                 raw[live, t] = logits.gather(1, out.tokens[:, None])[:, 0].float() - lse
             is_eos = torch.isin(out.tokens, self._eos) & alive
             stopped = self._stop_hit(req, tokens, live, t) & alive if req.stop else torch.zeros_like(alive)
-            ended = (is_eos | stopped) if t + 1 < req.max_new_tokens else alive.clone()
+            length[live] = torch.where(is_eos, t, torch.where(stopped, t + 1, length[live]))
+            reason[live] = torch.where(is_eos, 1, torch.where(stopped, 2, reason[live]))
+            eos_hit[live] = torch.where(is_eos, out.tokens, eos_hit[live])
+            alive = alive & ~(is_eos | stopped)
             tok = out.tokens
-            if bool(ended.any()):
-                for b in ended.nonzero()[:, 0].tolist():
-                    w = int(live[b])
-                    if is_eos[b]:
-                        length[w], reason[w], eos_hit[w] = t, "eos", int(tok[b])
-                    elif stopped[b]:
-                        length[w], reason[w] = t + 1, "stop"
-                alive &= ~ended
-                req.done += int(ended.sum())
-                if req.progress is not None:
-                    req.progress(req.done)
-                if not bool(alive.any()):
+            if t + 1 == req.max_new_tokens:
+                break
+            if (t + 1) % check_every == 0:  # the host looks: errors, progress, retiring finished rows
+                self._raise_invalid(invalid_at, rows)
+                n_alive = int(alive.sum())
+                finished = self._report(req, finished, R - n_alive)
+                if n_alive == 0:
                     break
-                if (~alive).sum() >= self.COMPACT_FRACTION * len(alive):
+                if len(alive) - n_alive >= self.COMPACT_FRACTION * len(alive):
                     keep = alive.nonzero()[:, 0]
                     cache.compact(keep)
                     live, alive, seeds, position, tok = live[keep], alive[keep], seeds[keep], position[keep], tok[keep]
             t2 = time.perf_counter()
+            cache.offset_bound = longest_suffix + t  # the host knows it: no device read in the cache
             logits = self._forward(tok[:, None], (position + t)[:, None], cache)
             self._sync()
             self.timings["decode_forward"] += time.perf_counter() - t2
+        self._raise_invalid(invalid_at, rows)
+        self._report(req, finished, R)
         self._finish(req, rows, tokens, logprobs, raw, length, reason, eos_hit)
 
     def _prefill_suffixes(self, req: _Request, cache: PrefixCache, units, row_unit) -> torch.Tensor:
@@ -390,9 +409,28 @@ class Engine:
         tails = self.tokenizer.batch_decode(tokens[live, max(0, t + 1 - window) : t + 1].tolist(), skip_special_tokens=True)
         return torch.tensor([any(s in text for s in req.stop) for text in tails], device=self.device)
 
+    @staticmethod
+    def _raise_invalid(invalid_at, rows):
+        """The first row (by step) whose logits were not finite, as an error (one host read)."""
+        bad = invalid_at >= 0
+        if bool(bad.any()):
+            w = int(torch.where(bad, invalid_at, invalid_at.max() + 1).argmin())
+            r = rows[w]
+            raise RuntimeError(f"non-finite logits for prompt {r.prompt}, control {r.control}, sample {r.sample} at token {int(invalid_at[w])}")
+
+    @staticmethod
+    def _report(req: _Request, before: int, now: int) -> int:
+        if now > before:
+            req.done += now - before
+            if req.progress is not None:
+                req.progress(req.done)
+        return now
+
     def _finish(self, req: _Request, rows, tokens, logprobs, raw, length, reason, eos_hit):
         tokens, logprobs = tokens.tolist(), logprobs.tolist()
         raw = raw.tolist() if raw is not None else None
+        length, eos_hit = length.tolist(), eos_hit.tolist()
+        reason = [REASONS[i] for i in reason.tolist()]
         for w, row in enumerate(rows):
             ids = tokens[w][: length[w]]
             text = None
@@ -403,10 +441,10 @@ class Engine:
             req.results.append(Completion(
                 prompt_index=row.prompt, control_index=row.control, control=req.controls[row.control],
                 sample_index=row.sample, token_ids=ids, text=text, logprobs=logprobs[w][: length[w]],
-                finish_reason=reason[w], seed=row.seed, eos_token_id=eos_hit[w],
+                finish_reason=reason[w], seed=row.seed, eos_token_id=eos_hit[w] if eos_hit[w] >= 0 else None,
                 raw_logprobs=raw[w][: length[w]] if raw is not None else None,
             ))
 
     def _sync(self):
-        if self.device.type == "cuda":
+        if self.profile and self.device.type == "cuda":
             torch.cuda.synchronize()

@@ -38,6 +38,8 @@ class _Groups:
     cell: torch.Tensor  # [R] grid cell of each row
     all_prompts: bool  # prompts == arange(P): the prefix tensors are used without a gather
     contiguous: slice | None  # the slots as a slice when they are a contiguous range
+    Lp: int  # longest prefix of the selected prompts
+    prefix_mask: torch.Tensor  # [P',1,1,Lp] key j of the prompt's prefix is real (j < its length)
 
 
 class PrefixCache:
@@ -56,6 +58,9 @@ class PrefixCache:
         self._groups: _Groups | None = None
         self._step: tuple | None = None  # per-forward values shared by all layers (set at layer 0)
         self._fused: tuple | None = None  # per-forward arguments of the fused decode kernel (set at layer 0)
+        # an upper bound on the suffix offsets of the next forward, from a caller that knows it on the
+        # host (the engine's decode loop): the torch path then reads no offsets back from the device
+        self.offset_bound: int | None = None
 
     @classmethod
     def from_prompts(cls, model, prompts: list[list[int]], row_prefix: torch.Tensor, suffix_capacity: int) -> "PrefixCache":
@@ -142,6 +147,7 @@ class PrefixCache:
               and k0.dtype == q.dtype and self.prefix_k[0].dtype == q.dtype)
         if not ok:
             return (False,)
+        self.offset_bound = None  # the kernel checks every row's offset itself
         slots = self._slots.to(torch.int64).contiguous()
         if len(slots) != q.shape[0] or positions.shape[0] != q.shape[0]:
             raise ValueError(f"{q.shape[0]} query rows for {len(slots)} slots and {positions.shape[0]} positions")
@@ -182,15 +188,17 @@ class PrefixCache:
         g = self._groups
         plen = self.prefix_len[self.row_prefix[self._slots]]
         offsets = positions - plen[:, None]  # [R,T] offsets inside each row's suffix
-        lo, hi = int(offsets.min()), int(offsets.max())
-        if lo < 0 or hi >= self.k[0].shape[2]:
-            raise ValueError(f"suffix offset out of range 0..{self.k[0].shape[2] - 1}")
+        if self.offset_bound is not None:  # rows below the bound are masked to their own offsets
+            hi, self.offset_bound = self.offset_bound, None
+            if hi >= self.k[0].shape[2]:
+                raise ValueError(f"suffix offset out of range 0..{self.k[0].shape[2] - 1}")
+        else:
+            lo, hi = int(offsets.min()), int(offsets.max())
+            if lo < 0 or hi >= self.k[0].shape[2]:
+                raise ValueError(f"suffix offset out of range 0..{self.k[0].shape[2] - 1}")
         Ls = hi + 1
         suffix_mask = torch.arange(Ls, device=positions.device)[None, None, :] <= offsets[:, :, None]  # causal [R,T,Ls]
-        group_len = self.prefix_len[g.prompts]
-        Lp = int(group_len.max())
-        prefix_mask = torch.arange(Lp, device=positions.device)[None, :] < group_len[:, None]  # [P',Lp]
-        return offsets, Ls, suffix_mask, Lp, prefix_mask[:, None, None, :]
+        return offsets, Ls, suffix_mask, g.Lp, g.prefix_mask
 
     def _group(self, slots) -> _Groups:
         rp = self.row_prefix[slots]
@@ -207,7 +215,10 @@ class PrefixCache:
         all_prompts = len(prompts) == P and bool((prompts == torch.arange(P, device=prompts.device)).all())
         s0 = int(slots[0])
         contiguous = slice(s0, s0 + R) if bool((slots == torch.arange(s0, s0 + R, device=slots.device)).all()) else None
-        return _Groups(prompts, width, grid_rows, cell, all_prompts, contiguous)
+        group_len = self.prefix_len[prompts]
+        Lp = int(group_len.max())
+        prefix_mask = torch.arange(Lp, device=slots.device)[None, :] < group_len[:, None]
+        return _Groups(prompts, width, grid_rows, cell, all_prompts, contiguous, Lp, prefix_mask[:, None, None, :])
 
     def _prefix_attention(self, layer, q, Lp, key_mask):
         """Attention of every row over its prompt's prefix: one matmul per (prompt, kv head) for

@@ -76,8 +76,8 @@ def sample(
     if uniforms is None:
         if seed is None:
             seed = torch.randint(0, 2**62, (B,), dtype=torch.int64, device=device)
-        seed = _param("seed", seed, B, torch.int64, device, _fits_int64, "a 64-bit integer")
-        step = _param("step", step, B, torch.int64, device, _fits_int64, "a 64-bit integer")
+        seed = _param("seed", seed, B, torch.int64, device, None, "a 64-bit integer")
+        step = _param("step", step, B, torch.int64, device, None, "a 64-bit integer")
         uniforms = counter_uniforms(seed, step)
     else:
         uniforms = _param("uniforms", uniforms, B, torch.float32, device, lambda u: (u >= 0) & (u < 1), "in [0, 1)")
@@ -179,15 +179,21 @@ def counter_uniforms(seed, step):
     words (seed_lo, seed_hi, step_lo, step_hi) of their 64-bit two's complement, top 24 bits of
     the result / 2^24.
 
-    Pure function of its inputs on any device (C++ on the CPU, torch ops elsewhere). Takes [B]
-    int tensors (returns fp32 [B]) or Python ints (returns a float, the same value).
+    Pure function of its inputs on any device (C++ on the CPU, one Triton kernel on CUDA, torch
+    ops elsewhere). Takes [B] int tensors (returns fp32 [B]) or Python ints (returns a float,
+    the same value).
     """
     tensors = [v for v in (seed, step) if isinstance(v, torch.Tensor)]
     if not tensors:
         return _C.counter_uniform(_int64(seed), _int64(step))
-    if any(t.device.type != "cpu" for t in tensors):
-        seed, step = torch.broadcast_tensors(torch.as_tensor(seed).to(torch.int64), torch.as_tensor(step).to(torch.int64))
-        return _counter_uniforms_torch(seed, step)
+    device = next((t.device for t in tensors if t.device.type != "cpu"), None)
+    if device is not None:
+        seed, step = (torch.as_tensor(_int64(v) if isinstance(v, int) else v, device=device).to(torch.int64) for v in (seed, step))
+        if device.type == "cuda":  # one launch instead of ~90 elementwise ops
+            from .kernels.counter_rng import counter_uniforms as fused
+
+            return fused(seed, step)
+        return _counter_uniforms_torch(*torch.broadcast_tensors(seed, step))
     shape = torch.broadcast_shapes(*(t.shape for t in tensors))
     args, keep = [], []  # a Python int stays one value for every row (the usual step)
     for v in (seed, step):
@@ -227,8 +233,6 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def _fits_int64(v):
-    return torch.ones_like(v, dtype=torch.bool) if isinstance(v, torch.Tensor) else -(2**63) <= v < 2**63
 
 
 def _filters(temperature, top_k, top_p, min_p, B, device):
@@ -240,7 +244,8 @@ def _filters(temperature, top_k, top_p, min_p, B, device):
 
 
 def _param(name, value, B, dtype, device, ok, allowed):
-    """A validated parameter: a Python number, or a [B] tensor of `dtype` on `device`."""
+    """A validated parameter: a Python number, or a [B] tensor of `dtype` on `device`. ok(value)
+    says which values are allowed (None: any value of the dtype)."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.item()
@@ -250,6 +255,8 @@ def _param(name, value, B, dtype, device, ok, allowed):
             if not dtype.is_floating_point and value.is_floating_point():
                 raise ValueError(f"{name} must be an integer (tensor), got dtype {value.dtype}")
             value = value.to(device, dtype)
+            if ok is None:  # every value of the dtype is allowed: no host read (the decode loop's seeds)
+                return value.contiguous()
             good = ok(value)
             if not bool(good.all()):
                 row = int((~good).nonzero()[0, 0])
@@ -263,6 +270,8 @@ def _param(name, value, B, dtype, device, ok, allowed):
     if not dtype.is_floating_point and kind is not int:
         raise ValueError(f"{name} must be an integer, got {value!r}")
     value = float(value) if dtype.is_floating_point else int(value)
-    if not ok(value):
+    if not dtype.is_floating_point and not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} = {value} does not fit a 64-bit integer")
+    if ok is not None and not ok(value):
         raise ValueError(f"{name} = {value} is invalid (all rows); allowed: {allowed}")
     return value

@@ -73,3 +73,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+_GPU_COMPILE = """
+import dataclasses, importlib, json, sys
+from ctrlsafe.kernels.compile_check import compile_for, ptxas_report
+out = []
+for job in json.load(sys.stdin):
+    module, name = job.pop("kernel").split(":")
+    k = compile_for(getattr(importlib.import_module(module), name), **job)
+    out.append({**dataclasses.asdict(ptxas_report(k.asm["ptx"])), "dynamic_shared": k.metadata.shared})
+print(json.dumps(out))
+"""
+
+
+def gpu_compile(jobs: list[dict]) -> list[dict]:
+    """Compile Triton kernels for NVIDIA GPUs without one, in a fresh process (test modules run
+    Triton in interpreter mode, which cannot compile). Each job: kernel ("module:name"), signature,
+    constexprs, cc (80 / 90), optional num_warps / num_stages. Returns per job the ptxas report
+    (registers, spill_stores, spill_loads, stack, target, ptx) and the dynamic shared memory."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _GPU_COMPILE], input=json.dumps(jobs), env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])

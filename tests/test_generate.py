@@ -296,3 +296,84 @@ def test_empty_text_prompt_names_index(tiny_preset):
     engine = Engine(Transformer.from_pretrained(tiny_preset.policy), AutoTokenizer.from_pretrained(tiny_preset.policy))
     with pytest.raises(ValueError, match="prompt 1: empty prompt"):
         engine.generate(["fine", " "])
+
+
+# -- host syncs ---------------------------------------------------------------------------------
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that read a tensor's value back to Python (each a device sync on a GPU)."""
+    READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
+             torch.Tensor.__index__, torch.Tensor.__float__, torch.Tensor.cpu, torch.Tensor.numpy}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attention", ["fused", "reference"])
+def test_sync_every_does_not_change_results(model, monkeypatch, attention):
+    """Checking the batch state only every 5 steps (finished rows decode on, their extra tokens
+    dropped; compaction later) gives the same tokens, logprobs, raw logprobs, finish reasons, EOS
+    ids and final progress count as checking every step, on the fused and the torch attention path
+    (logprobs to float rounding: rows are compacted at other steps, so matmuls see other batches)."""
+    if attention == "reference":
+        monkeypatch.setattr(PrefixCache, "backend", "reference")
+    prompts = random_prompts(97, [2, 23, 9, 4])
+    suffixes = [[4, 5], [], [8]]
+    eos = [3, 11, 12, 13, 14, 15]
+    kw = dict(n=3, sampling=SAMPLING, max_new_tokens=17, min_new_tokens=1, seed=11, raw_logprobs=True)
+    runs = []
+    for every in (1, 5):
+        seen = []
+        outs = Engine(model, eos_token_ids=eos, sync_every=every).generate(prompts, suffixes, progress=seen.append, **kw)
+        runs.append((outs, seen))
+    (a, seen_a), (b, seen_b) = runs
+    assert {c.finish_reason for c in a} == {"eos", "length"}  # rows retire mid-batch
+    assert [key(c) + (c.eos_token_id,) for c in a] == [key(c) + (c.eos_token_id,) for c in b]
+    for x, y in zip(a, b):
+        assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)
+        assert torch.allclose(torch.tensor(x.raw_logprobs), torch.tensor(y.raw_logprobs), atol=1e-5)
+    assert seen_a[-1] == seen_b[-1] == len(a) and seen_b == sorted(seen_b)
+    assert len(seen_b) < len(seen_a)  # fewer looks: progress is reported in bigger steps
+
+
+def test_decode_reads_back_once_per_check(model, monkeypatch):
+    """On the torch attention path (the one CUDA runs), the decode loop reads the device only at
+    its checks: 32 more steps with sync_every=8 cost at most 4 checks' worth of reads, where a
+    check is at most 3 reads (non-finite flag, rows alive, and a compaction's index)."""
+    monkeypatch.setattr(PrefixCache, "backend", "reference")
+    prompts = random_prompts(97, [5, 9])
+    counts = []
+    for new in (17, 49):
+        engine = Engine(model, eos_token_ids=[], sync_every=8)
+        with HostReads() as reads:
+            engine.generate(prompts, [[4], [6, 7]], n=2, sampling=SAMPLING, max_new_tokens=new, seed=1)
+        counts.append(reads.count)
+    assert counts[1] - counts[0] <= 4 * 3, counts
+
+
+def test_non_finite_logits_are_reported_at_the_next_check(model):
+    """A NaN in one row's logits mid-decode is still an error naming that row and the token at
+    which it happened, though the host only looks every 4 steps."""
+    engine = Engine(model, eos_token_ids=[], sync_every=4)
+    forward, calls = engine._forward, []
+
+    def poisoned(tokens, positions, cache):
+        logits = forward(tokens, positions, cache)
+        calls.append(1)
+        if len(calls) == 3:  # the third decode forward gives the logits of token 3
+            logits[1] = float("nan")
+        return logits
+
+    engine._forward = poisoned
+    with pytest.raises(RuntimeError, match="non-finite logits for prompt 0, control 0, sample 1 at token 3"):
+        engine.generate([[5, 6, 7]], n=3, sampling=SAMPLING, max_new_tokens=12, seed=2)
+    assert len(calls) == 3  # found at the check after step 3, before more decoding
+
+
+def test_sync_every_must_be_a_positive_integer(model):
+    with pytest.raises(ValueError, match="sync_every must be an integer >= 1"):
+        Engine(model, sync_every=0)
