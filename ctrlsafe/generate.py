@@ -109,6 +109,13 @@ class _Request:
     results: list[Completion] = field(default_factory=list)
 
 
+def kv_token_budget(args, dtype: torch.dtype, free_bytes: int, fraction: float = 0.5) -> int:
+    """Cached tokens whose K/V (every layer) fit `fraction` of `free_bytes`: a wave's size on a
+    GPU, leaving the rest to activations, logits and the allocator."""
+    per_token = args.num_hidden_layers * 2 * args.num_key_value_heads * args.head_dim * torch.empty(0, dtype=dtype).element_size()
+    return int(fraction * free_bytes) // per_token
+
+
 class Engine:
     """Batched generation over prompts x controls x samples with a shared prompt KV cache."""
 
@@ -116,15 +123,23 @@ class Engine:
     # the live rows' suffix cache, so doing it for every single finished row would cost more)
     COMPACT_FRACTION = 1 / 8
 
-    def __init__(self, model, tokenizer=None, control_spec: ControlSpec | None = None, *, max_batch_tokens: int = 16384,
+    def __init__(self, model, tokenizer=None, control_spec: ControlSpec | None = None, *, max_batch_tokens: int | None = None,
                  max_rows: int = 256, eos_token_ids=None, compile: bool = False, sync_every: int | None = None,
                  profile: bool = False):
-        """sync_every: decode steps between host reads of the batch state (errors, progress,
+        """max_batch_tokens: cached tokens (prefix + row suffixes) per wave; default 16384 on CPU, on
+        CUDA what half the free device memory holds (`kv_token_budget`).
+        sync_every: decode steps between host reads of the batch state (errors, progress,
         retiring finished rows). Between them nothing waits for the device, and a finished row
         runs on for up to sync_every - 1 steps whose tokens are discarded; results do not depend
         on it. Default 1 on CPU (no device to wait for), 8 on CUDA. Stop strings check every step.
         profile: synchronise CUDA around each phase so `timings` measure the device (costs the
         overlap); on CPU timings are exact anyway."""
+        self.device = model.embed_tokens.weight.device
+        if max_batch_tokens is None:
+            max_batch_tokens = 16384
+            if self.device.type == "cuda":
+                max_batch_tokens = max(max_batch_tokens, kv_token_budget(model.args, model.embed_tokens.weight.dtype,
+                                                                         torch.cuda.mem_get_info(self.device)[0]))
         if max_rows < 1 or max_batch_tokens < 1:
             raise ValueError(f"max_rows ({max_rows}) and max_batch_tokens ({max_batch_tokens}) must be >= 1")
         if sync_every is not None and (not isinstance(sync_every, int) or sync_every < 1):
@@ -134,7 +149,6 @@ class Engine:
         self.control_spec = control_spec
         self.max_rows, self.max_batch_tokens = max_rows, max_batch_tokens
         self.eos_token_ids = self._resolve_eos(eos_token_ids)
-        self.device = model.embed_tokens.weight.device
         self.sync_every = sync_every or (8 if self.device.type == "cuda" else 1)
         self.profile = profile
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.int64, device=self.device)

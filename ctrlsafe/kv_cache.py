@@ -258,15 +258,22 @@ def _flash_prefix(grid, kp, vp, lens, cell):
     return out.float(), lse.float()
 
 
-def _attention_lse(q, k, v, mask):
+def _attention_lse(q, k, v, mask, wide: bool | None = None):
     """Softmax attention of q [B,Hkv,M,D] over k/v [B,Hkv,L,D] with a boolean mask broadcastable
     to [B,Hkv,M,L] (True = attend). Returns out [B,Hkv,M,D] and log-sum-exp [B,Hkv,M], fp32;
-    rows that attend to nothing get lse -inf and out 0."""
-    scores = (q.float() @ k.float().transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    rows that attend to nothing get lse -inf and out 0.
+
+    wide (default: on the CPU) widens q/k/v to fp32 first: the CPU's torch path is the reference
+    the fused kernel is held to. Otherwise (a GPU) the two matmuls run in the cache's dtype, bf16
+    K/V are never copied to fp32 and stay on tensor cores, and the softmax runs in fp32, as
+    transformers' eager attention does."""
+    if q.device.type == "cpu" if wide is None else wide:
+        q, k, v = q.float(), k.float(), v.float()
+    scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    return torch.exp(scores - safe[..., None]) @ v.float(), lse
+    return (torch.exp(scores - safe[..., None]).to(v.dtype) @ v).float(), lse
 
 
 def partial_attention(q, k, v, mask):

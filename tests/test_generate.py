@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ctrlsafe.controls import ControlSpec
-from ctrlsafe.generate import Completion, Engine, SamplingParams, row_seed
+from ctrlsafe.generate import Completion, Engine, SamplingParams, kv_token_budget, row_seed
 from ctrlsafe.kv_cache import PrefixCache
 from ctrlsafe.model import ModelArgs, Transformer
 from ctrlsafe.sampling import sample
@@ -377,3 +377,16 @@ def test_non_finite_logits_are_reported_at_the_next_check(model):
 def test_sync_every_must_be_a_positive_integer(model):
     with pytest.raises(ValueError, match="sync_every must be an integer >= 1"):
         Engine(model, sync_every=0)
+
+
+def test_kv_token_budget_fills_half_the_free_memory(model):
+    """The CUDA default wave size: K/V of every layer for that many tokens is half the free
+    memory, by dtype (SmolLM2-135M in bf16 on an 80 GB card: ~1.7M tokens, not CPU's 16384)."""
+    a = model.args
+    per_token = a.num_hidden_layers * 2 * a.num_key_value_heads * a.head_dim
+    assert kv_token_budget(a, torch.float32, 10**9) == (10**9 // 2) // (per_token * 4)
+    assert kv_token_budget(a, torch.bfloat16, 10**9) == (10**9 // 2) // (per_token * 2)
+    smol = ModelArgs(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                     intermediate_size=1536, head_dim=64)
+    assert 1_700_000 < kv_token_budget(smol, torch.bfloat16, 80 * 10**9) < 1_800_000
+    assert Engine(model).max_batch_tokens == 16384  # the CPU default

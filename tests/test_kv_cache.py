@@ -1,7 +1,7 @@
 """PrefixCache: shared-prompt attention equals recomputing each row's full sequence alone."""
 import torch
 
-from ctrlsafe.kv_cache import PrefixCache, merge_attention, partial_attention
+from ctrlsafe.kv_cache import PrefixCache, _attention_lse, merge_attention, partial_attention
 from ctrlsafe.model import ModelArgs, Transformer
 
 
@@ -25,6 +25,25 @@ def test_merge_of_partials_equals_full_attention():
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     assert torch.allclose(merge_attention(*a, *b), full, atol=1e-5)
     assert torch.allclose(full, ref, atol=1e-5)
+
+
+def test_native_dtype_attention_is_within_bf16_rounding():
+    """The GPU form (wide=False: bf16 matmuls, fp32 softmax) on bf16 q/k/v of odd sizes (M 1, 7;
+    L 1, 33) stays within bf16 rounding of the widened (fp32) form, returns fp32, and gives a row that
+    attends to nothing lse -inf and output 0."""
+    g = torch.Generator().manual_seed(0)
+    for M, L in ((1, 1), (7, 33)):
+        q, k, v = (torch.randn(2, 3, n, 16, generator=g).bfloat16() for n in (M, L, L))
+        mask = torch.rand(2, 1, M, L, generator=g) < 0.7
+        mask[..., 0] = True
+        mask[1, 0, 0] = False  # a query with no key at all
+        out, lse = _attention_lse(q, k, v, mask, wide=False)
+        ref_out, ref_lse = (t.double() for t in _attention_lse(q.double(), k.double(), v.double(), mask))
+        assert out.dtype == lse.dtype == torch.float32
+        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and bool((out[1, :, 0] == 0).all())
+        fin = torch.isfinite(ref_lse)
+        torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=0.05, rtol=0.02)
+        torch.testing.assert_close(out.double(), ref_out, atol=0.03, rtol=0.03)
 
 
 def test_prefix_shared_rows_equal_full_forward():
