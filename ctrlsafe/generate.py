@@ -109,6 +109,35 @@ class _Request:
     results: list[Completion] = field(default_factory=list)
 
 
+class _GraphedDecode:
+    """The decode forward of one batch (its rows, slots and prompt groups fixed) captured as a
+    CUDA graph: a replay is one launch where eager decode is ~20 per layer. Built with a warm-up
+    forward on a side stream (it settles the cache's slot groups and the allocator, and its
+    logits are this step's), then captured into the previous graph's memory pool."""
+
+    def __init__(self, forward, tok, positions, cache, previous: "_GraphedDecode | None"):
+        self.rows = tok.shape[0]
+        self.tok, self.positions = tok.clone(), positions.clone()
+        cache.static_shapes = True
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.out = forward(self.tok, self.positions, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.pool = previous.pool if previous is not None else torch.cuda.graph_pool_handle()
+        self.graph = torch.cuda.CUDAGraph()
+        warm = self.out.clone()
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            self.out = forward(self.tok, self.positions, cache)
+        self.out.copy_(warm)
+
+    def __call__(self, tok, positions):
+        self.tok.copy_(tok)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.out
+
+
 def kv_token_budget(args, dtype: torch.dtype, free_bytes: int, fraction: float = 0.5) -> int:
     """Cached tokens whose K/V (every layer) fit `fraction` of `free_bytes`: a wave's size on a
     GPU, leaving the rest to activations, logits and the allocator."""
@@ -125,13 +154,15 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, control_spec: ControlSpec | None = None, *, max_batch_tokens: int | None = None,
                  max_rows: int = 256, eos_token_ids=None, compile: bool = False, sync_every: int | None = None,
-                 profile: bool = False):
+                 cuda_graphs: bool = False, profile: bool = False):
         """max_batch_tokens: cached tokens (prefix + row suffixes) per wave; default 16384 on CPU, on
         CUDA what half the free device memory holds (`kv_token_budget`).
         sync_every: decode steps between host reads of the batch state (errors, progress,
         retiring finished rows). Between them nothing waits for the device, and a finished row
         runs on for up to sync_every - 1 steps whose tokens are discarded; results do not depend
         on it. Default 1 on CPU (no device to wait for), 8 on CUDA. Stop strings check every step.
+        cuda_graphs: on CUDA, replay the decode forward as one captured graph (recaptured when the
+        batch changes: each compaction) instead of launching ~20 kernels per layer per step.
         profile: synchronise CUDA around each phase so `timings` measure the device (costs the
         overlap); on CPU timings are exact anyway."""
         self.device = model.embed_tokens.weight.device
@@ -150,6 +181,9 @@ class Engine:
         self.max_rows, self.max_batch_tokens = max_rows, max_batch_tokens
         self.eos_token_ids = self._resolve_eos(eos_token_ids)
         self.sync_every = sync_every or (8 if self.device.type == "cuda" else 1)
+        if cuda_graphs and (self.device.type != "cuda" or compile or model.args.sliding_window is not None):
+            raise ValueError("cuda_graphs needs a CUDA model, compile=False and no sliding_window")
+        self.cuda_graphs = cuda_graphs
         self.profile = profile
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.int64, device=self.device)
         self._suppress = torch.tensor(self._control_token_ids(), dtype=torch.int64, device=self.device)
@@ -338,6 +372,7 @@ class Engine:
         sp = req.sampling
         check_every = 1 if req.stop else self.sync_every  # stop strings are matched on the host anyway
         finished = 0  # wave rows known (on the host) to have finished
+        graph = None  # the captured decode forward (cuda_graphs)
         for t in range(req.max_new_tokens):
             t1 = time.perf_counter()
             if raw is not None:  # normalised before the masking below: the model's own distribution
@@ -376,7 +411,14 @@ class Engine:
                     live, alive, seeds, position, tok = live[keep], alive[keep], seeds[keep], position[keep], tok[keep]
             t2 = time.perf_counter()
             cache.offset_bound = longest_suffix + t  # the host knows it: no device read in the cache
-            logits = self._forward(tok[:, None], (position + t)[:, None], cache)
+            if self.cuda_graphs:
+                if graph is None or graph.rows != len(tok):  # a new batch (compaction only shrinks it): capture
+                    graph = _GraphedDecode(self._forward, tok[:, None], (position + t)[:, None], cache, graph)
+                    logits = graph.out  # holds the warm-up's logits: this step's
+                else:
+                    logits = graph(tok[:, None], (position + t)[:, None])
+            else:
+                logits = self._forward(tok[:, None], (position + t)[:, None], cache)
             self._sync()
             self.timings["decode_forward"] += time.perf_counter() - t2
         self._raise_invalid(invalid_at, rows)

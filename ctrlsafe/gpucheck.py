@@ -543,6 +543,19 @@ def stage_engine(ctx: Context):
 
     ctx.run("engine", "sampling_equals_no_cache_loop", sampled)
 
+    @torch.no_grad()
+    def graphs():
+        if not ctx.cuda:  # the static-shape decode they replay is tested on the CPU (tests/test_kv_cache.py)
+            return True, {"skipped": "CUDA graphs need a GPU"}
+        sp = SamplingParams(temperature=0.9, top_k=20, top_p=0.9)
+        kw = dict(n=3, sampling=sp, max_new_tokens=new, seed=7)
+        eager = Engine(ours, eos_token_ids=[3, 11, 12, 13]).generate(prompts, suffixes, **kw)  # EOS: compactions recapture
+        graphed = Engine(ours, eos_token_ids=[3, 11, 12, 13], cuda_graphs=True).generate(prompts, suffixes, **kw)
+        bad = sum(a.token_ids != b.token_ids for a, b in zip(eager, graphed))
+        return bad == 0, {"rows": len(eager), "differ": bad, "eos_rows": sum(c.finish_reason == "eos" for c in eager)}
+
+    ctx.run("engine", "cuda_graphs_equal_eager", graphs)
+
 
 # -- 6. throughput ------------------------------------------------------------------------------
 
@@ -636,13 +649,15 @@ def decode(ctx: Context):
     path = ctx.tmp / "llama-1b"
     hf.save_pretrained(path)
     ours = Transformer.from_pretrained(path, dtype=dtype, device=ctx.device)
-    engine = Engine(ours, eos_token_ids=[cfg.eos_token_id])
+    engines = {"ctrlsafe": Engine(ours, eos_token_ids=[cfg.eos_token_id])}
+    if ctx.cuda:
+        engines["ctrlsafe_graphs"] = Engine(ours, eos_token_ids=[cfg.eos_token_id], cuda_graphs=True)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, cfg.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(rows)]
     ids = torch.tensor(prompts, device=ctx.device)
     sp = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)  # transformers' default top_k=50, so both do the same work
 
-    def run_ours(n):
+    def run_ours(n, engine):
         return engine.generate(prompts, None, n=1, sampling=sp, max_new_tokens=n, min_new_tokens=n)
 
     @torch.no_grad()
@@ -652,7 +667,9 @@ def decode(ctx: Context):
 
     figs = {"model": f"Llama-3.2-1B config, {config['num_hidden_layers']} layers, random init, {str(dtype).removeprefix('torch.')}",
             "rows": rows, "prompt_len": prompt_len, "new_tokens": new}
-    for name, fn in (("ctrlsafe", run_ours), ("hf_static", run_hf)):
+    runs = {name: (lambda n, e=e: run_ours(n, e)) for name, e in engines.items()}
+    runs["hf_static"] = run_hf
+    for name, fn in runs.items():
         fn(4)  # warm-up (allocations, static cache, kernel compilation)
         ctx.sync()
         start = time.perf_counter()
@@ -663,7 +680,7 @@ def decode(ctx: Context):
         figs[f"{name}_ms_per_step"] = round(1e3 * sec / new, 3)
     steps = 4 if ctx.dry else 16
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
-    for name, fn in (("ctrlsafe", run_ours), ("hf_static", run_hf)):
+    for name, fn in runs.items():
         with profile(activities=activities) as prof:
             fn(steps)
             ctx.sync()

@@ -61,6 +61,9 @@ class PrefixCache:
         # an upper bound on the suffix offsets of the next forward, from a caller that knows it on the
         # host (the engine's decode loop): the torch path then reads no offsets back from the device
         self.offset_bound: int | None = None
+        # attend over the whole suffix capacity (masked) so a forward's shapes do not change with the
+        # step: what CUDA-graph capture needs (the engine sets it with cuda_graphs=True)
+        self.static_shapes = False
 
     @classmethod
     def from_prompts(cls, model, prompts: list[list[int]], row_prefix: torch.Tensor, suffix_capacity: int) -> "PrefixCache":
@@ -188,8 +191,11 @@ class PrefixCache:
         g = self._groups
         plen = self.prefix_len[self.row_prefix[self._slots]]
         offsets = positions - plen[:, None]  # [R,T] offsets inside each row's suffix
-        if self.offset_bound is not None:  # rows below the bound are masked to their own offsets
-            hi, self.offset_bound = self.offset_bound, None
+        bound, self.offset_bound = self.offset_bound, None
+        if self.static_shapes:  # every forward the same shapes and no read back (a CUDA graph replays it)
+            hi = self.k[0].shape[2] - 1
+        elif bound is not None:  # rows below the bound are masked to their own offsets
+            hi = bound
             if hi >= self.k[0].shape[2]:
                 raise ValueError(f"suffix offset out of range 0..{self.k[0].shape[2] - 1}")
         else:

@@ -22,6 +22,20 @@ def shared_path(*parts) -> Path:
     return p
 
 
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that read a tensor's value back to Python (each a device sync on a GPU)."""
+    READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
+             torch.Tensor.__index__, torch.Tensor.__float__, torch.Tensor.cpu, torch.Tensor.numpy}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.fixture(scope="session")
 def stories260k() -> Path:
     return shared_path("models", "stories260k")

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import HostReads
 from ctrlsafe.controls import ControlSpec
 from ctrlsafe.generate import Completion, Engine, SamplingParams, kv_token_budget, row_seed
 from ctrlsafe.kv_cache import PrefixCache
@@ -299,20 +300,6 @@ def test_empty_text_prompt_names_index(tiny_preset):
 
 
 # -- host syncs ---------------------------------------------------------------------------------
-class HostReads(torch.overrides.TorchFunctionMode):
-    """Counts the calls that read a tensor's value back to Python (each a device sync on a GPU)."""
-    READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
-             torch.Tensor.__index__, torch.Tensor.__float__, torch.Tensor.cpu, torch.Tensor.numpy}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.READS
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("attention", ["fused", "reference"])
 def test_sync_every_does_not_change_results(model, monkeypatch, attention):
     """Checking the batch state only every 5 steps (finished rows decode on, their extra tokens
@@ -390,3 +377,24 @@ def test_kv_token_budget_fills_half_the_free_memory(model):
                      intermediate_size=1536, head_dim=64)
     assert 1_700_000 < kv_token_budget(smol, torch.bfloat16, 80 * 10**9) < 1_800_000
     assert Engine(model).max_batch_tokens == 16384  # the CPU default
+
+
+def test_cuda_graphs_need_a_cuda_model(model):
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA model"):
+        Engine(model, cuda_graphs=True)
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_equal_eager_decode(model):
+    """The captured decode (recaptured at each compaction as EOS retires rows) gives the eager
+    engine's tokens and logprobs, bf16 weights."""
+    gpu = Transformer(model.args).to("cuda", torch.bfloat16).eval()
+    gpu.load_state_dict(model.state_dict())
+    prompts = random_prompts(97, [2, 23, 9])
+    kw = dict(n=4, sampling=SAMPLING, max_new_tokens=20, seed=5)
+    eos = [3, 11, 12, 13, 14, 15]
+    eager = Engine(gpu, eos_token_ids=eos).generate(prompts, [[4, 5], [], [8]], **kw)
+    graphed = Engine(gpu, eos_token_ids=eos, cuda_graphs=True).generate(prompts, [[4, 5], [], [8]], **kw)
+    assert {c.finish_reason for c in eager} == {"eos", "length"}
+    assert [key(c) for c in graphed] == [key(c) for c in eager]
+    assert all(torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-3) for a, b in zip(graphed, eager))

@@ -117,3 +117,30 @@ def test_compact_keeps_live_rows_decoding():
         for i, r in enumerate(keep.tolist()):
             expected = model(torch.tensor([prompts[row_prefix[r]] + suffixes[r].tolist()]))[0, -2:]
             assert (got[i] - expected).abs().max() < 1e-4, r
+
+
+def test_static_shapes_decode_equals_dynamic_and_reads_nothing_back(monkeypatch):
+    """static_shapes (what CUDA-graph capture needs): attending over the whole suffix capacity,
+    masked, gives the logits of the step-sized path, and a decode forward then reads nothing
+    back from the device once the slot groups are built (torch path, the one CUDA runs)."""
+    from conftest import HostReads
+
+    monkeypatch.setattr(PrefixCache, "backend", "reference")
+    model = tiny_model(1)
+    prompts, row_prefix = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]], torch.tensor([0, 1, 1, 0, 1])
+    tokens = torch.randint(0, 53, (5, 6), generator=torch.Generator().manual_seed(0))
+    runs = []
+    with torch.no_grad():
+        for static in (False, True):
+            cache = PrefixCache.from_prompts(model, prompts, row_prefix, suffix_capacity=11)
+            cache.static_shapes = static
+            cache.slots = slots = torch.arange(5)
+            steps, reads = [], []
+            for t in range(6):
+                with HostReads() as r:
+                    steps.append(model(tokens[:, t : t + 1], cache.suffix_positions(slots, torch.full((5, 1), t)), cache))
+                reads.append(r.count)
+            runs.append((torch.cat(steps, 1), reads))
+    (dynamic, _), (static, reads) = runs
+    torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=1e-5)
+    assert reads[1:] == [0] * 5, reads
