@@ -4,19 +4,21 @@
     outs = engine.generate(prompts, controls="grid", n=4, sampling=SamplingParams(0.8, top_k=50),
                            max_new_tokens=256, stop=["\\n\\nUser:"], seed=1234)
 
-Order of work for one wave of rows (see `Engine._run_wave`):
-  1. each prompt is rendered once; the wave's distinct prompts are prefilled once, right-padded,
-     into a `PrefixCache` that stores each prompt's KV once;
+Order of work (see `Engine._run`):
+  1. each prompt is rendered once; the distinct prompts of the rows admitted are prefilled once,
+     right-padded, into a `PrefixCache` that stores each prompt's KV once;
   2. each (prompt, control) suffix is prefilled ONCE on top of its prompt's cached prefix, in the
      slot of its first row, and its few suffix K/V entries are copied into the slots of its other
      n-1 rows (copying 1-3 control tokens per row is cheaper than recomputing them n times and
      keeps every row's storage uniform for decoding);
   3. all rows decode together: one model forward and one sampler call per step for all live
-     rows, with per-row seed tensors. Each row attends over [its prompt's shared prefix | its own
-     suffix] without a copy of the prefix (kv_cache.py: one fused C++ kernel per layer on CPU).
-  4. rows that finish (EOS, stop string, max_new_tokens) retire; when enough have retired the
-     live rows are compacted so finished rows stop costing compute.
-More rows than fit (max_rows, max_batch_tokens) run in consecutive waves.
+     rows, with per-row seed and step tensors. Each row attends over [its prompt's shared prefix |
+     its own suffix] without a copy of the prefix (kv_cache.py: one fused C++ kernel per layer on
+     CPU). Nothing is read back to the host between checks (every `sync_every` steps).
+  4. at a check, rows that finished (EOS, stop string, max_new_tokens) retire once they are
+     COMPACT_FRACTION of the batch: the live rows are compacted, the prefix store keeps only their
+     prompts, and rows still waiting (max_rows, max_batch_tokens) are admitted into the freed
+     slots as in 1-2 (continuous refill), so the batch stays full until the request runs out.
 
 Determinism: row (prompt key k, control c, sample j) samples token t with the sampler's
 counter-based RNG keyed by (row_seed(seed, k, c, j), t). Nothing else enters, so results do not
@@ -25,7 +27,7 @@ depend on batch size, on which prompts run together or on their order.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
 import torch
@@ -108,14 +110,80 @@ class _Request:
     done: int = 0  # rows completed so far (for progress)
     results: list[Completion] = field(default_factory=list)
 
+    @property
+    def suffix_capacity(self) -> int:
+        """Cache slots per row: the longest control suffix plus max_new_tokens."""
+        return max(map(len, self.suffixes)) + self.max_new_tokens
+
+
+@dataclass
+class _Batch:
+    """The rows decoding together, in batch order (= cache slots 0..n-1), and their state. A
+    row's token count is the loop's step minus its admission step, so the host knows it without
+    reading the device; everything a step changes stays on the device."""
+
+    rows: list[_Row]
+    admitted: list[int]  # loop step at which each row joined
+    suffix_len: list[int]
+    admitted_at: torch.Tensor  # [n] the same on the device
+    seeds: torch.Tensor  # [n]
+    position0: torch.Tensor  # [n] position of the row's first new token (prompt + suffix length)
+    logits: torch.Tensor  # [n,V] next-token logits
+    tokens: torch.Tensor  # [n,max_new] ids drawn so far
+    logprobs: torch.Tensor  # [n,max_new]
+    raw: torch.Tensor | None  # [n,max_new] the model's log_softmax at each token (raw_logprobs)
+    tok: torch.Tensor  # [n] the last token drawn: the next forward's input
+    alive: torch.Tensor  # [n] bool
+    length: torch.Tensor  # [n] tokens kept (max_new until the row ends)
+    reason: torch.Tensor  # [n] index into REASONS
+    eos_hit: torch.Tensor  # [n] the EOS id that ended the row, -1 if none
+    invalid_at: torch.Tensor  # [n] first step with non-finite logits, -1 if none
+
+    @classmethod
+    def new(cls, req: _Request, rows: list[_Row], step: int, position0, logits) -> "_Batch":
+        n, dev, max_new = len(rows), logits.device, req.max_new_tokens
+        zeros = lambda dtype: torch.zeros(n, max_new, dtype=dtype, device=dev)  # noqa: E731
+        full = lambda v: torch.full((n,), v, dtype=torch.int64, device=dev)  # noqa: E731
+        return cls(rows, [step] * n, [len(req.suffixes[r.control]) for r in rows], full(step),
+                   torch.tensor([r.seed for r in rows], dtype=torch.int64, device=dev), position0, logits,
+                   zeros(torch.int64), zeros(torch.float32), zeros(torch.float32) if req.raw_logprobs else None,
+                   full(0), torch.ones(n, dtype=torch.bool, device=dev), full(max_new), full(0), full(-1), full(-1))
+
+    def select(self, keep: list[int]) -> "_Batch":
+        index = torch.tensor(keep, dtype=torch.int64, device=self.seeds.device)
+        pick = lambda v: [v[i] for i in keep] if isinstance(v, list) else None if v is None else v[index]  # noqa: E731
+        return _Batch(*(pick(getattr(self, f.name)) for f in fields(self)))
+
+    def concat(self, other: "_Batch") -> "_Batch":
+        join = lambda a, b: a + b if isinstance(a, list) else None if a is None else torch.cat([a, b])  # noqa: E731
+        return _Batch(*(join(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)))
+
+    def record(self, out, t_rows, logits, lse, eos, max_new: int):
+        """Keep the tokens just drawn (rows still alive only) and end rows at EOS or max_new."""
+        rows = torch.arange(len(self.rows), device=t_rows.device)
+        col = t_rows.clamp(max=max_new - 1)  # finished rows decode on until the next check
+        alive = self.alive
+        self.invalid_at = torch.where(~out.valid & alive & (self.invalid_at < 0), t_rows, self.invalid_at)
+        self.tokens[rows, col] = torch.where(alive, out.tokens, self.tokens[rows, col])
+        self.logprobs[rows, col] = torch.where(alive, out.logprobs, self.logprobs[rows, col])
+        if self.raw is not None:  # a drawn token is never a masked one: its logit is still the model's
+            self.raw[rows, col] = torch.where(alive, logits.gather(1, out.tokens.clamp(min=0)[:, None])[:, 0].float() - lse,
+                                              self.raw[rows, col])
+        is_eos = torch.isin(out.tokens, eos) & alive
+        self.length = torch.where(is_eos, t_rows, self.length)
+        self.reason = torch.where(is_eos, 1, self.reason)
+        self.eos_hit = torch.where(is_eos, out.tokens, self.eos_hit)
+        self.alive = alive & ~is_eos & (t_rows + 1 < max_new)
+        self.tok = out.tokens.clamp(min=0)
+
 
 class _GraphedDecode:
     """The decode forward of one batch (its rows, slots and prompt groups fixed) captured as a
     CUDA graph: a replay is one launch where eager decode is ~20 per layer. Built with a warm-up
     forward on a side stream (it settles the cache's slot groups and the allocator, and its
-    logits are this step's), then captured into the previous graph's memory pool."""
+    logits are this step's), then captured into the engine's graph memory pool."""
 
-    def __init__(self, forward, tok, positions, cache, previous: "_GraphedDecode | None"):
+    def __init__(self, forward, tok, positions, cache, pool):
         self.rows = tok.shape[0]
         self.tok, self.positions = tok.clone(), positions.clone()
         cache.static_shapes = True
@@ -124,10 +192,9 @@ class _GraphedDecode:
         with torch.cuda.stream(side):
             self.out = forward(self.tok, self.positions, cache)
         torch.cuda.current_stream().wait_stream(side)
-        self.pool = previous.pool if previous is not None else torch.cuda.graph_pool_handle()
         self.graph = torch.cuda.CUDAGraph()
         warm = self.out.clone()
-        with torch.cuda.graph(self.graph, pool=self.pool):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.out = forward(self.tok, self.positions, cache)
         self.out.copy_(warm)
 
@@ -184,6 +251,7 @@ class Engine:
         if cuda_graphs and (self.device.type != "cuda" or compile or model.args.sliding_window is not None):
             raise ValueError("cuda_graphs needs a CUDA model, compile=False and no sliding_window")
         self.cuda_graphs = cuda_graphs
+        self._graph_pool = None  # one memory pool for every captured decode graph
         self.profile = profile
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.int64, device=self.device)
         self._suppress = torch.tensor(self._control_token_ids(), dtype=torch.int64, device=self.device)
@@ -230,8 +298,7 @@ class Engine:
         req.raw_logprobs = bool(raw_logprobs)
         self.timings = dict.fromkeys(("prefill", "decode_forward", "sampling", "other"), 0.0)
         start = time.perf_counter()
-        for wave in self._waves(req):
-            self._run_wave(req, wave)
+        self._run(req)
         self.timings["other"] = time.perf_counter() - start - sum(self.timings.values())
         return sorted(req.results, key=lambda c: (c.prompt_index, c.control_index, c.sample_index))
 
@@ -315,125 +382,162 @@ class Engine:
         return suffixes, [dict(c) if isinstance(c, dict) else list(c) for c in controls]
 
     # -- scheduling ---------------------------------------------------------------------------
-    def _waves(self, req: _Request):
-        """Consecutive runs of rows that fit max_rows and max_batch_tokens together.
+    def _admissible(self, req: _Request, batch: _Batch | None, start: int) -> int:
+        """How many of req.rows[start:] can join the batch: at most max_rows rows in all, and
+        cached tokens within max_batch_tokens: (distinct prompts) x (longest prompt) for the
+        prefix store plus rows x req.suffix_capacity for the row slots. A row over budget on its
+        own runs alone. Rows are in (prompt, control, sample) order, so a prompt's rows stay together."""
+        n = len(batch.rows) if batch is not None else 0
+        prompts = {r.prompt for r in batch.rows} if batch is not None else set()
+        longest = max((len(req.prompts[p]) for p in prompts), default=0)
+        m = 0
+        for row in req.rows[start:]:
+            grown = prompts | {row.prompt}
+            new_longest = max(longest, len(req.prompts[row.prompt]))
+            rows = n + m + 1
+            if rows > 1 and (rows > self.max_rows or len(grown) * new_longest + rows * req.suffix_capacity > self.max_batch_tokens):
+                break
+            prompts, longest, m = grown, new_longest, m + 1
+        return m
 
-        Cost of a wave in cached tokens: (distinct prompts) x (longest prompt) for the prefix plus
-        rows x (longest suffix + max_new_tokens) for the rows. A row over budget on its own runs
-        alone. Rows are in (prompt, control, sample) order, so a prompt's rows stay together.
-        """
-        wave: list[_Row] = []
-        prompts: set[int] = set()
-        longest = cap = 0
-        for row in req.rows:
-            p_len, r_cap = len(req.prompts[row.prompt]), len(req.suffixes[row.control]) + req.max_new_tokens
-            new_longest, new_cap = max(longest, p_len), max(cap, r_cap)
-            cost = (len(prompts) + (row.prompt not in prompts)) * new_longest + (len(wave) + 1) * new_cap
-            if wave and (len(wave) >= self.max_rows or cost > self.max_batch_tokens):
-                yield wave
-                wave, prompts, new_longest, new_cap = [], set(), p_len, r_cap
-            wave.append(row)
-            prompts.add(row.prompt)
-            longest, cap = new_longest, new_cap
-        yield wave
+    # -- decoding -----------------------------------------------------------------------------
+    def _run(self, req: _Request):
+        """Decode every row of the request, refilling as rows finish: at a check, finished rows
+        retire (once they are COMPACT_FRACTION of the batch) and rows still waiting are admitted
+        into the freed slots (new prompts prefilled into the shared prefix store, suffixes on
+        top), so the batch stays full until the request runs out of rows."""
+        cache, store, batch, waiting = None, [], None, 0  # store: the request's prompt of each prefix entry
+        graph = None  # the captured decode forward (cuda_graphs)
+        step = 0
+        check_every = 1 if req.stop else self.sync_every  # stop strings are matched on the host anyway
+        while batch is not None or waiting < len(req.rows):
+            if batch is None:  # the start, or every row retired
+                batch, cache, store, waiting = self._refill(req, cache, store, None, waiting, step)
+            self._sample_step(req, batch, step)
+            step += 1
+            refill = False
+            oldest_done = step - min(batch.admitted) >= req.max_new_tokens  # the host knows: those rows finished
+            if step % check_every == 0 or oldest_done:
+                kept = self._retire(req, cache, store, batch, force=oldest_done)
+                if kept is not batch:  # rows retired: the batch changed
+                    batch, graph, refill = kept, None, True
+                    if not batch.rows:
+                        batch = None
+                        continue
+            t2 = time.perf_counter()
+            t_rows = step - 1 - batch.admitted_at  # the index of the token each row feeds in
+            # finished rows that decode on until the next check rewrite their own last slot
+            positions = batch.position0 + t_rows.clamp(max=req.max_new_tokens - 1)
+            cache.offset_bound = max(s + min(step - 1 - a, req.max_new_tokens - 1)  # the host knows it: no device read
+                                     for s, a in zip(batch.suffix_len, batch.admitted))
+            batch.logits, graph = self._forward_rows(cache, batch.tok[:, None], positions[:, None], graph)
+            self._sync()
+            self.timings["decode_forward"] += time.perf_counter() - t2
+            if refill and waiting < len(req.rows):  # the new rows' first logits come from their prefill
+                joined, cache, store, waiting = self._refill(req, cache, store, batch, waiting, step)
+                graph = None if joined is not batch else graph
+                batch = joined
 
-    # -- one wave -----------------------------------------------------------------------------
-    def _run_wave(self, req: _Request, rows: list[_Row]):
-        dev, R = self.device, len(rows)
+    def _refill(self, req: _Request, cache, store, batch: _Batch | None, waiting: int, step: int):
+        """Admit as many waiting rows as fit; returns (batch, cache, store, waiting)."""
         t0 = time.perf_counter()
-        prompt_ids = sorted({r.prompt for r in rows})
-        local = {p: i for i, p in enumerate(prompt_ids)}
+        m = self._admissible(req, batch, waiting)
+        if m:
+            cache, store, batch = self._admit(req, cache, store, batch, req.rows[waiting : waiting + m], step)
+        self.timings["prefill"] += time.perf_counter() - t0
+        return batch, cache, store, waiting + m
+
+    def _sample_step(self, req: _Request, batch: _Batch, step: int):
+        """Draw every row's next token from batch.logits and record it."""
+        t1 = time.perf_counter()
+        sp = req.sampling
+        t_rows = step - batch.admitted_at  # [n] tokens each row has so far
+        logits = batch.logits
+        lse = torch.logsumexp(logits.float(), -1) if batch.raw is not None else None  # before masking: the model's own
+        if req.min_new_tokens and len(self._eos):
+            early = (t_rows < req.min_new_tokens)[:, None]
+            logits[:, self._eos] = torch.where(early, float("-inf"), logits[:, self._eos])
+        if len(self._suppress):  # a control token is an input, never a response token
+            logits[:, self._suppress] = float("-inf")
+        out = sample(logits, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, seed=batch.seeds, step=t_rows)
+        batch.record(out, t_rows, logits, lse, self._eos, req.max_new_tokens)
+        if req.stop:
+            stopped = self._stop_hit(req, batch, t_rows) & batch.alive
+            batch.length = torch.where(stopped, t_rows + 1, batch.length)
+            batch.reason = torch.where(stopped, 2, batch.reason)
+            batch.alive = batch.alive & ~stopped
+        self._sync()
+        self.timings["sampling"] += time.perf_counter() - t1
+
+    def _retire(self, req: _Request, cache: PrefixCache, store: list[int], batch: _Batch, force: bool) -> _Batch:
+        """The host looks (two reads): errors, then finished rows. Once they are enough (or all, or
+        forced), their completions are kept and the live rows compacted to slots 0..n-1 with the
+        prefix store trimmed to their prompts; returns the new batch (the same one if nothing retired)."""
+        self._raise_invalid(batch)
+        alive = batch.alive.tolist()
+        done = [i for i, a in enumerate(alive) if not a]
+        if not done or not (force or len(done) == len(alive) or len(done) >= self.COMPACT_FRACTION * len(alive)):
+            return batch
+        self._finish(req, batch.select(done))
+        self._report(req, len(done))
+        keep = [i for i, a in enumerate(alive) if a]
+        cache.compact(torch.tensor(keep, dtype=torch.int64, device=self.device))
+        batch = batch.select(keep)
+        live = {r.prompt for r in batch.rows}
+        kept = [i for i, p in enumerate(store) if p in live]
+        cache.keep_prompts(kept, len(keep), max((len(req.prompts[store[i]]) for i in kept), default=0))
+        store[:] = [store[i] for i in kept]
+        return batch
+
+    def _admit(self, req: _Request, cache: PrefixCache | None, store: list[int], batch: _Batch | None, rows: list[_Row], step: int):
+        """Rows join the batch in slots n..n+m-1: their new prompts prefilled into the prefix store,
+        each (prompt, control) suffix once on top. Returns (cache, store, batch)."""
+        dev, n = self.device, len(batch.rows) if batch is not None else 0
+        new = sorted({r.prompt for r in rows} - set(store))
+        if cache is None:
+            store = new
+            local = {p: i for i, p in enumerate(store)}
+            cache = PrefixCache.from_prompts(self.model, [req.prompts[p] for p in new],
+                                             torch.tensor([local[r.prompt] for r in rows], device=dev), req.suffix_capacity)
+        else:
+            if new:
+                cache.add_prompts(self.model, [req.prompts[p] for p in new])
+                store = store + new
+            local = {p: i for i, p in enumerate(store)}
+            cache.grow(n + len(rows))
+            cache.row_prefix[n : n + len(rows)] = torch.tensor([local[r.prompt] for r in rows], device=dev)
         units = sorted({(r.prompt, r.control) for r in rows})  # (prompt, control) pairs, each prefilled once
         unit_index = {u: i for i, u in enumerate(units)}
         row_unit = torch.tensor([unit_index[(r.prompt, r.control)] for r in rows], device=dev)
-        row_prefix = torch.tensor([local[r.prompt] for r in rows], device=dev)
+        slots = torch.arange(n, n + len(rows), device=dev)
+        logits = self._prefill_suffixes(req, cache, units, row_unit, slots)[row_unit]
         suffix_len = torch.tensor([len(req.suffixes[r.control]) for r in rows], device=dev)
-        cache = PrefixCache.from_prompts(self.model, [req.prompts[p] for p in prompt_ids], row_prefix,
-                                         int(suffix_len.max()) + req.max_new_tokens)
-        logits = self._prefill_suffixes(req, cache, units, row_unit)[row_unit]  # [R,V] next-token logits
+        joined = _Batch.new(req, rows, step, cache.prefix_len[cache.row_prefix[slots]] + suffix_len, logits)
+        cache.slots = torch.arange(n + len(rows), device=dev)
         self._sync()
-        self.timings["prefill"] += time.perf_counter() - t0
+        return cache, store, joined if batch is None else batch.concat(joined)
 
-        tokens = torch.zeros(R, req.max_new_tokens, dtype=torch.int64, device=dev)
-        logprobs = torch.zeros(R, req.max_new_tokens, dtype=torch.float32, device=dev)
-        raw = torch.zeros(R, req.max_new_tokens, dtype=torch.float32, device=dev) if req.raw_logprobs else None
-        # per wave row, kept on the device: no host read per step (see sync_every)
-        length = torch.full((R,), req.max_new_tokens, dtype=torch.int64, device=dev)
-        reason = torch.zeros(R, dtype=torch.int64, device=dev)  # index into REASONS
-        eos_hit = torch.full((R,), -1, dtype=torch.int64, device=dev)
-        invalid_at = torch.full((R,), -1, dtype=torch.int64, device=dev)  # first step with non-finite logits
-        # live batch state, compacted together with the cache
-        live = torch.arange(R, device=dev)  # wave row of each batch position
-        alive = torch.ones(R, dtype=torch.bool, device=dev)
-        seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64, device=dev)
-        position = cache.prefix_len[row_prefix] + suffix_len  # position of the next token fed in
-        longest_suffix = int(suffix_len.max())
-        cache.slots = torch.arange(R, device=dev)
-        sp = req.sampling
-        check_every = 1 if req.stop else self.sync_every  # stop strings are matched on the host anyway
-        finished = 0  # wave rows known (on the host) to have finished
-        graph = None  # the captured decode forward (cuda_graphs)
-        for t in range(req.max_new_tokens):
-            t1 = time.perf_counter()
-            if raw is not None:  # normalised before the masking below: the model's own distribution
-                lse = torch.logsumexp(logits.float(), -1)
-            if t < req.min_new_tokens and len(self._eos):
-                logits[:, self._eos] = float("-inf")
-            if len(self._suppress):  # a control token is an input, never a response token
-                logits[:, self._suppress] = float("-inf")
-            out = sample(logits, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, seed=seeds, step=t)
-            self._sync()
-            self.timings["sampling"] += time.perf_counter() - t1
-            seen = invalid_at[live]
-            invalid_at[live] = torch.where(~out.valid & alive & (seen < 0), t, seen)
-            tokens[live, t] = out.tokens
-            logprobs[live, t] = out.logprobs
-            if raw is not None:  # a sampled token is never a masked one: its logit is still the model's
-                raw[live, t] = logits.gather(1, out.tokens[:, None])[:, 0].float() - lse
-            is_eos = torch.isin(out.tokens, self._eos) & alive
-            stopped = self._stop_hit(req, tokens, live, t) & alive if req.stop else torch.zeros_like(alive)
-            length[live] = torch.where(is_eos, t, torch.where(stopped, t + 1, length[live]))
-            reason[live] = torch.where(is_eos, 1, torch.where(stopped, 2, reason[live]))
-            eos_hit[live] = torch.where(is_eos, out.tokens, eos_hit[live])
-            alive = alive & ~(is_eos | stopped)
-            tok = out.tokens
-            if t + 1 == req.max_new_tokens:
-                break
-            if (t + 1) % check_every == 0:  # the host looks: errors, progress, retiring finished rows
-                self._raise_invalid(invalid_at, rows)
-                n_alive = int(alive.sum())
-                finished = self._report(req, finished, R - n_alive)
-                if n_alive == 0:
-                    break
-                if len(alive) - n_alive >= self.COMPACT_FRACTION * len(alive):
-                    keep = alive.nonzero()[:, 0]
-                    cache.compact(keep)
-                    live, alive, seeds, position, tok = live[keep], alive[keep], seeds[keep], position[keep], tok[keep]
-            t2 = time.perf_counter()
-            cache.offset_bound = longest_suffix + t  # the host knows it: no device read in the cache
-            if self.cuda_graphs:
-                if graph is None or graph.rows != len(tok):  # a new batch (compaction only shrinks it): capture
-                    graph = _GraphedDecode(self._forward, tok[:, None], (position + t)[:, None], cache, graph)
-                    logits = graph.out  # holds the warm-up's logits: this step's
-                else:
-                    logits = graph(tok[:, None], (position + t)[:, None])
-            else:
-                logits = self._forward(tok[:, None], (position + t)[:, None], cache)
-            self._sync()
-            self.timings["decode_forward"] += time.perf_counter() - t2
-        self._raise_invalid(invalid_at, rows)
-        self._report(req, finished, R)
-        self._finish(req, rows, tokens, logprobs, raw, length, reason, eos_hit)
+    def _forward_rows(self, cache: PrefixCache, tok, positions, graph):
+        """Next-token logits of the batch rows: eager, or replaying (capturing first) its CUDA graph."""
+        if not self.cuda_graphs:
+            return self._forward(tok, positions, cache), None
+        if graph is None:  # a new batch
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = _GraphedDecode(self._forward, tok, positions, cache, self._graph_pool)
+            return graph.out, graph  # holds the warm-up's logits: this step's
+        return graph(tok, positions), graph
 
-    def _prefill_suffixes(self, req: _Request, cache: PrefixCache, units, row_unit) -> torch.Tensor:
-        """Next-token logits [U,V] of every (prompt, control) unit, and its suffix K/V in all its rows.
+    def _prefill_suffixes(self, req: _Request, cache: PrefixCache, units, row_unit, slots) -> torch.Tensor:
+        """Next-token logits [U,V] of every (prompt, control) unit, and its suffix K/V in all its
+        rows (row i in slot slots[i]).
 
         Each unit's suffix runs once, in the slot of its first row, on top of its cached prompt;
         the K/V of those few tokens are then copied to the unit's other rows.
         """
         dev, model = self.device, self.model
         first_slot = torch.zeros(len(units), dtype=torch.int64, device=dev)
-        first_slot.scatter_reduce_(0, row_unit, torch.arange(len(row_unit), device=dev), "amin", include_self=False)
+        first_slot.scatter_reduce_(0, row_unit, slots, "amin", include_self=False)
         prompt_local = cache.row_prefix[first_slot]
         hidden = cache.prefix_hidden[prompt_local]  # [U,H] for units without a suffix
         lens = [len(req.suffixes[c]) for _, c in units]
@@ -444,50 +548,51 @@ class Engine:
             for i, u in enumerate(with_suffix):  # right-padded: pads sit after the real tokens
                 ids[i, : lens[u]] = torch.tensor(req.suffixes[units[u][1]], device=dev)
             idx = torch.tensor(with_suffix, device=dev)
-            slots = first_slot[idx]
-            cache.slots = slots
-            positions = cache.suffix_positions(slots, torch.arange(Lc, device=dev).expand(len(slots), Lc))
+            cache.slots = first_slot[idx]
+            positions = cache.suffix_positions(cache.slots, torch.arange(Lc, device=dev).expand(len(idx), Lc))
             last = torch.tensor([lens[u] - 1 for u in with_suffix], device=dev)
             hidden[idx] = model.hidden_states(ids, positions, cache, keep=last)[:, 0]
             src = first_slot[row_unit]
             for store in (cache.k, cache.v):
                 for layer in store:
-                    layer[:, :, :Lc] = layer[src, :, :Lc]
+                    layer[slots, :, :Lc] = layer[src, :, :Lc]
         return model.lm_head(hidden)
 
     def _decode_forward(self, tok, positions, cache):
         return self.model(tok, positions, cache)[:, -1]
 
-    def _stop_hit(self, req: _Request, tokens, live, t) -> torch.Tensor:
-        """Rows whose text ends with a stop string after token t (the decoded tail is checked:
-        4 tokens per character covers byte-fallback tokenizers)."""
+    def _stop_hit(self, req: _Request, batch: _Batch, t_rows) -> torch.Tensor:
+        """Rows whose text ends with a stop string after their latest token (the decoded tail is
+        checked: 4 tokens per character covers byte-fallback tokenizers)."""
         window = 4 * max(map(len, req.stop)) + 2
-        tails = self.tokenizer.batch_decode(tokens[live, max(0, t + 1 - window) : t + 1].tolist(), skip_special_tokens=True)
-        return torch.tensor([any(s in text for s in req.stop) for text in tails], device=self.device)
+        cols = t_rows[:, None] - torch.arange(window - 1, -1, -1, device=t_rows.device)  # [n,window] ending at each row's token
+        tails = batch.tokens.gather(1, cols.clamp(0, req.max_new_tokens - 1)).tolist()
+        texts = self.tokenizer.batch_decode([row[max(0, window - 1 - t) :] for row, t in zip(tails, t_rows.tolist())],
+                                            skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in req.stop) for text in texts], device=self.device)
 
     @staticmethod
-    def _raise_invalid(invalid_at, rows):
+    def _raise_invalid(batch: _Batch):
         """The first row (by step) whose logits were not finite, as an error (one host read)."""
-        bad = invalid_at >= 0
+        bad = batch.invalid_at >= 0
         if bool(bad.any()):
-            w = int(torch.where(bad, invalid_at, invalid_at.max() + 1).argmin())
-            r = rows[w]
-            raise RuntimeError(f"non-finite logits for prompt {r.prompt}, control {r.control}, sample {r.sample} at token {int(invalid_at[w])}")
+            w = int(torch.where(bad, batch.invalid_at, batch.invalid_at.max() + 1).argmin())
+            r = batch.rows[w]
+            raise RuntimeError(f"non-finite logits for prompt {r.prompt}, control {r.control}, sample {r.sample} at token {int(batch.invalid_at[w])}")
 
     @staticmethod
-    def _report(req: _Request, before: int, now: int) -> int:
-        if now > before:
-            req.done += now - before
-            if req.progress is not None:
-                req.progress(req.done)
-        return now
+    def _report(req: _Request, finished: int):
+        req.done += finished
+        if req.progress is not None:
+            req.progress(req.done)
 
-    def _finish(self, req: _Request, rows, tokens, logprobs, raw, length, reason, eos_hit):
-        tokens, logprobs = tokens.tolist(), logprobs.tolist()
-        raw = raw.tolist() if raw is not None else None
-        length, eos_hit = length.tolist(), eos_hit.tolist()
-        reason = [REASONS[i] for i in reason.tolist()]
-        for w, row in enumerate(rows):
+    def _finish(self, req: _Request, batch: _Batch):
+        """Completions of the (finished) rows of `batch`."""
+        tokens, logprobs = batch.tokens.tolist(), batch.logprobs.tolist()
+        raw = batch.raw.tolist() if batch.raw is not None else None
+        length, eos_hit = batch.length.tolist(), batch.eos_hit.tolist()
+        reason = [REASONS[i] for i in batch.reason.tolist()]
+        for w, row in enumerate(batch.rows):
             ids = tokens[w][: length[w]]
             text = None
             if self.tokenizer is not None:

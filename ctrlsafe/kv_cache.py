@@ -42,6 +42,24 @@ class _Groups:
     prefix_mask: torch.Tensor  # [P',1,1,Lp] key j of the prompt's prefix is real (j < its length)
 
 
+def _prefill(model, prompts: list[list[int]]):
+    """Each prompt's K/V per layer [P,Hkv,Lp,D] (one right-padded batch), lengths [P] and the
+    hidden state at its last real token [P,H].
+
+    Right padding never changes results: pads sit after each prompt's real tokens, so causal
+    attention keeps them out of real positions, and the lengths mask them afterwards."""
+    device = model.embed_tokens.weight.device
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    if (lens == 0).any():
+        raise ValueError(f"prompt {int((lens == 0).nonzero()[0, 0])} is empty")
+    ids = torch.zeros(len(prompts), int(lens.max()), dtype=torch.int64, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.as_tensor(p, device=device)
+    kv = KVCache(model.args, len(prompts), ids.shape[1], dtype=model.embed_tokens.weight.dtype, device=device)
+    hidden = model.hidden_states(ids, None, kv, keep=lens - 1)
+    return kv.k, kv.v, lens, hidden[:, 0]
+
+
 class PrefixCache:
     # "reference" forces the torch attention path (also CTRLSAFE_BACKEND=reference); None picks by device
     backend: str | None = None
@@ -67,25 +85,48 @@ class PrefixCache:
 
     @classmethod
     def from_prompts(cls, model, prompts: list[list[int]], row_prefix: torch.Tensor, suffix_capacity: int) -> "PrefixCache":
-        """Prefill every unique prompt once (right-padded batch) and return the cache over them.
-
-        Right padding never changes results: pads sit after each prompt's real tokens, so causal
-        attention keeps them out of real positions, and prefix_len masks them afterwards.
-        """
-        device = model.embed_tokens.weight.device
-        dtype = model.embed_tokens.weight.dtype
-        lens = torch.tensor([len(p) for p in prompts], device=device)
-        if (lens == 0).any():
-            raise ValueError(f"prompt {int((lens == 0).nonzero()[0, 0])} is empty")
-        Lp = int(lens.max())
-        ids = torch.zeros(len(prompts), Lp, dtype=torch.int64, device=device)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.as_tensor(p, device=device)
-        kv = KVCache(model.args, len(prompts), Lp, dtype=dtype, device=device)
-        hidden = model.hidden_states(ids, None, kv, keep=lens - 1)
-        cache = cls(model.args, kv.k, kv.v, lens, row_prefix.to(device), suffix_capacity)
-        cache.prefix_hidden = hidden[:, 0]  # [P,H] at each prompt's last real token: its next-token logits
+        """Prefill every unique prompt once (right-padded batch) and return the cache over them."""
+        k, v, lens, hidden = _prefill(model, prompts)
+        cache = cls(model.args, k, v, lens, row_prefix.to(lens.device), suffix_capacity)
+        cache.prefix_hidden = hidden  # [P,H] at each prompt's last real token: its next-token logits
         return cache
+
+    def add_prompts(self, model, prompts: list[list[int]]) -> int:
+        """Prefill more prompts into the prefix store, after those there; returns the first one's index.
+        (The engine's refill: rows of new prompts join a running batch.)"""
+        k, v, lens, hidden = _prefill(model, prompts)
+        first, Lp = len(self.prefix_len), max(self.prefix_k[0].shape[2], k[0].shape[2])
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, Lp - t.shape[2]))  # noqa: E731
+        self.prefix_k = [torch.cat([pad(a), pad(b)]) for a, b in zip(self.prefix_k, k)]
+        self.prefix_v = [torch.cat([pad(a), pad(b)]) for a, b in zip(self.prefix_v, v)]
+        self.prefix_len = torch.cat([self.prefix_len, lens])
+        self.prefix_hidden = torch.cat([self.prefix_hidden, hidden])
+        self.slots = self._slots  # the groups index the prefix store
+        return first
+
+    def keep_prompts(self, keep: list[int], rows: int, Lp: int) -> None:
+        """Keep prefix entries `keep` (in that order, renumbered 0..) and drop the rest; slots
+        0..rows-1, which must reference kept prompts only, are renumbered with them. Lp: the
+        longest kept prompt (the caller knows it: no read back)."""
+        P = len(self.prefix_len)
+        dev = self.prefix_len.device
+        index = torch.tensor(keep, dtype=torch.int64, device=dev)
+        renumber = torch.zeros(P, dtype=torch.int64, device=dev)
+        renumber[index] = torch.arange(len(keep), device=dev)
+        self.prefix_k = [t[index, :, :Lp] for t in self.prefix_k]
+        self.prefix_v = [t[index, :, :Lp] for t in self.prefix_v]
+        self.prefix_len, self.prefix_hidden = self.prefix_len[index], self.prefix_hidden[index]
+        self.row_prefix[:rows] = renumber[self.row_prefix[:rows]]
+        self.slots = self._slots
+
+    def grow(self, slots: int) -> None:
+        """At least `slots` row slots (new ones empty, row_prefix 0)."""
+        S = len(self.row_prefix)
+        if slots <= S:
+            return
+        more = lambda t: torch.cat([t, t.new_zeros((slots - S, *t.shape[1:]))])  # noqa: E731
+        self.k, self.v = [more(t) for t in self.k], [more(t) for t in self.v]
+        self.row_prefix = more(self.row_prefix)
 
     # -- slots --------------------------------------------------------------------------------
     @property

@@ -205,19 +205,20 @@ def test_prefix_stored_once_per_prompt(model, monkeypatch):
     """Each prompt's KV is stored once however many controls and samples share it: the prefix
     storage is layers x K,V x prompts x Hkv x longest prompt x D, and only the per-row suffix
     storage grows with controls x n."""
-    caches = []
+    sizes = []  # at creation: the store shrinks as rows retire
     original = PrefixCache.from_prompts.__func__
 
     def spy(cls, *args, **kwargs):
-        caches.append(original(cls, *args, **kwargs))
-        return caches[-1]
+        cache = original(cls, *args, **kwargs)
+        sizes.append(cache.storage_bytes())
+        return cache
 
     monkeypatch.setattr(PrefixCache, "from_prompts", classmethod(spy))
     prompts = random_prompts(97, [6, 19])
     engine = Engine(model, eos_token_ids=[])
     engine.generate(prompts, [[4]], n=1, max_new_tokens=3)
     engine.generate(prompts, [[4], [5], [6, 7]], n=8, max_new_tokens=3)
-    a, b = caches[0].storage_bytes(), caches[1].storage_bytes()
+    a, b = sizes
     per_token = model.args.num_hidden_layers * 2 * model.args.num_key_value_heads * model.args.head_dim * 4  # K,V fp32
     assert a["prefix"] == b["prefix"] == per_token * 2 * 19  # 2 prompts x longest prompt
     assert a["rows"] == per_token * 2 * (1 + 3)  # rows x (longest suffix + max_new_tokens)
@@ -398,3 +399,35 @@ def test_cuda_graphs_equal_eager_decode(model):
     assert {c.finish_reason for c in eager} == {"eos", "length"}
     assert [key(c) for c in graphed] == [key(c) for c in eager]
     assert all(torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-3) for a, b in zip(graphed, eager))
+
+
+@torch.no_grad()
+def test_refill_admits_waiting_rows_into_freed_slots(model, monkeypatch):
+    """With room for 5 rows and 27 to run, rows finishing at EOS free slots that waiting rows
+    (of the same and of new prompts) take mid-decode: the batch never exceeds 5, new rows join
+    a running batch more than once, and every row still equals the no-cache reference loop."""
+    joins, sizes = [], []
+    admit, forward = Engine._admit, Engine._forward_rows
+
+    def spy_admit(self, req, cache, store, batch, rows, step):
+        joins.append((batch is not None, len(rows)))
+        return admit(self, req, cache, store, batch, rows, step)
+
+    def spy_forward(self, cache, tok, positions, graph):
+        sizes.append(tok.shape[0])
+        return forward(self, cache, tok, positions, graph)
+
+    monkeypatch.setattr(Engine, "_admit", spy_admit)
+    monkeypatch.setattr(Engine, "_forward_rows", spy_forward)
+    prompts = random_prompts(97, [2, 23, 9])
+    suffixes = [[4, 5], [], [8, 9, 10]]
+    eos = [3, 11, 12, 13, 14, 15, 16, 17]
+    outs = Engine(model, eos_token_ids=eos, max_rows=5).generate(prompts, suffixes, n=3, sampling=SAMPLING,
+                                                                  max_new_tokens=12, seed=7)
+    ref = reference_rows(model, prompts, suffixes, 3, SAMPLING, 12, 0, eos, seed=7)
+    for c in outs:
+        toks, lps, reason, _ = ref[c.prompt_index, c.control_index, c.sample_index]
+        assert (c.token_ids, c.finish_reason) == (toks, reason), (c.prompt_index, c.control_index, c.sample_index)
+        assert torch.allclose(torch.tensor(c.logprobs), torch.tensor(lps), atol=1e-4)
+    assert len(outs) == 27 and max(sizes) <= 5
+    assert sum(into_running for into_running, _ in joins) >= 2, joins
