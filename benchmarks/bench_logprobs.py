@@ -9,6 +9,10 @@ random (seed 0); forward + backward of the token-mean NLL. Providers:
 Time is interleaved in this process (x ref = naive time / provider time). Peak memory is measured
 once per provider in a fresh subprocess: the RSS high-water (VmHWM; on CUDA the allocator's peak) after running the work once, minus the same high-water taken after allocating the inputs.
 
+bf16 rows (same work, hidden and weight in bf16; time only) run where the device has native bf16
+matmuls: CUDA GPUs that support bf16, CPUs with oneDNN bf16 kernels (AVX512-BF16 / AMX); the run
+prints whether they ran. On CUDA they are the tensor-core path training takes under autocast.
+
 ExMATE-shaped rows: one CE pass plus k counterfactual passes (k = 1, 3), each pass a fresh
 hidden [T,H] (the extra forward's activations), its own fwd + bwd (CE, then alpha * exp(-CE)),
 weight grads accumulating. Peak memory should grow with k only by those activations and their grads.
@@ -46,16 +50,24 @@ FULL = Work()
 QUICK = Work(T=512, H=256, V=16384, reps=3)
 ALPHA = 0.05  # ExMATE's weight on exp(-CE) of the counterfactual passes
 KS = (1, 3)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"memory": 1 / 8, "time": 1.2}  # issue 7: ours vs naive
 
 
-def inputs(work: Work, device: str, seed: int = 0):
-    """(hidden, weight, target), filled in place so that no temporary raises the RSS high-water."""
+def inputs(work: Work, device: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(hidden, weight, target), filled in place so that no temporary raises the RSS high-water
+    (fp32; other dtypes go through one cast)."""
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.empty(work.T, work.H).normal_(generator=g).to(device).requires_grad_()
-    weight = torch.empty(work.V, work.H).normal_(0, work.H**-0.5, generator=g).to(device).requires_grad_()
+    hidden = torch.empty(work.T, work.H).normal_(generator=g).to(device, dtype).requires_grad_()
+    weight = torch.empty(work.V, work.H).normal_(0, work.H**-0.5, generator=g).to(device, dtype).requires_grad_()
     target = torch.randint(0, work.V, (work.T,), generator=g).to(device)
     return hidden, weight, target
+
+
+def native_bf16_matmul(device: str) -> bool:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # what torch's CPU bf16 paths check
 
 
 def naive_logprobs(hidden, weight, target):
@@ -109,19 +121,22 @@ def in_subprocess(provider: str, k: int, quick: bool, device: str) -> dict:
 
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
     work = QUICK if quick else FULL
-    hidden, weight, target = inputs(work, device)
     fns = providers(device)
-
-    def fwd_bwd(fn):
-        def call():
-            hidden.grad = weight.grad = None
-            (-fn(hidden, weight, target).mean()).backward()
-        return call
-
     flops = 3 * 2 * work.T * work.H * work.V  # the naive matmuls: logits, grad_h, grad_W
-    rows = compare("linear_logprobs fwd+bwd", work.shape, "fp32", {n: fwd_bwd(f) for n, f in fns.items()},
-                   reference="naive", flops=flops, work_items=work.T, unit="tok/s", reps=work.reps, device=device)
-    del hidden, weight, target
+
+    def timed(dtype: str) -> list[Row]:
+        hidden, weight, target = inputs(work, device, dtype=DTYPES[dtype])
+
+        def fwd_bwd(fn):
+            def call():
+                hidden.grad = weight.grad = None
+                (-fn(hidden, weight, target).mean()).backward()
+            return call
+
+        return compare("linear_logprobs fwd+bwd", work.shape, dtype, {n: fwd_bwd(f) for n, f in fns.items()},
+                       reference="naive", flops=flops, work_items=work.T, unit="tok/s", reps=work.reps, device=device)
+
+    rows = timed("fp32")
     for row in rows:
         m = in_subprocess(row.provider, 0, quick, device)
         row.peak_mem_mb = m["extra_mb"]
@@ -135,13 +150,18 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
                             median_ms=m["ms"], p20_ms=m["ms"], p80_ms=m["ms"], peak_mem_mb=m["extra_mb"],
                             speedup_vs_reference=runs["naive"]["ms"] / m["ms"],
                             extra={"peak_is": "extra high-water over inputs, fresh process, one run"}))
+    if native_bf16_matmul(device):
+        rows += timed("bf16")
+        print(f"bf16 rows: ran on {device} (native bf16 matmul)")
+    else:
+        print(f"bf16 rows: skipped, {device} has no native bf16 matmul")
     print(summary(rows, ours, work))
     return rows
 
 
 def summary(rows: list[Row], ours: str, work: Work) -> str:
-    """The issue's targets, ours against naive."""
-    by = {(r.benchmark, r.provider): r for r in rows}
+    """The issue's targets (fp32), ours against naive."""
+    by = {(r.benchmark, r.provider): r for r in rows if r.dtype == "fp32"}
     one = "linear_logprobs fwd+bwd"
     mem = by[(one, ours)].peak_mem_mb / by[(one, "naive")].peak_mem_mb
     t = by[(one, ours)].median_ms / by[(one, "naive")].median_ms

@@ -52,11 +52,9 @@ class SequenceLogprobs(nn.Module):
     def forward(self, input_ids, labels):
         b, t = input_ids.shape
         hidden = self.model.hidden_states(input_ids[:, :-1])  # the last position predicts nothing
-        weight = self.model.lm_head.weight
-        if weight.dtype != hidden.dtype:  # autocast: hidden is bf16, master weights fp32
-            weight = weight.to(hidden.dtype)
         target = labels[:, 1:].reshape(-1)
-        logp = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, target, IGNORE)
+        # under autocast the op casts hidden (fp32: the residual stream) and the fp32 master weight to bf16
+        logp = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), self.model.lm_head.weight, target, IGNORE)
         return logp.view(b, t - 1)
 
 

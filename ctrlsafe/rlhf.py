@@ -182,10 +182,7 @@ def logprobs_and_values(model, value_head: nn.Module | None, input_ids, labels, 
     log p(labels[b,t+1] | ids[b,:t+1]) (0 on IGNORE), values[b,t] the value of that same state."""
     b, t = input_ids.shape
     hidden = model.hidden_states(input_ids[:, :-1])
-    weight = model.lm_head.weight
-    if weight.dtype != hidden.dtype:
-        weight = weight.to(hidden.dtype)
-    logp = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels[:, 1:].reshape(-1), IGNORE,
+    logp = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, labels[:, 1:].reshape(-1), IGNORE,
                            temperature=temperature).view(b, t - 1)
     values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float() if value_head is not None else None
     return logp, values

@@ -20,12 +20,17 @@ class PtxasReport:
     ptx: str
 
 
-def compile_for(fn, signature: dict, constexprs: dict, cc: int, num_warps: int = 4, num_stages: int = 3):
-    """triton.compile for compute capability cc (80 = A100, 90 = H100) without a driver."""
+def compile_for(fn, signature: dict, constexprs: dict, cc: int, num_warps: int = 4, num_stages: int = 3,
+                divisible_by_16: tuple[str, ...] = ()):
+    """triton.compile for compute capability cc (80 = A100, 90 = H100) without a driver.
+
+    divisible_by_16: arguments to compile as the launcher specialises them when a pointer is
+    16-byte aligned or an integer a multiple of 16 (what lets loads vectorise)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 

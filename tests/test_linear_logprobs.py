@@ -137,6 +137,32 @@ def test_bf16_at_least_as_accurate_as_reference(blocks, softcap, temperature):
         assert excess.max().item() <= tol, f"{name}: worse than the bf16 reference by {excess.max().item():.3g}"
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_autocast_casts_like_a_matmul(backend, monkeypatch):
+    """Under torch.autocast("cpu", bfloat16), fp32 hidden and weight reach the backend in bf16 (as
+    F.linear's operands would); values equal the op on bf16 copies outside autocast, and the fp32
+    leaves get fp32 gradients equal to those bf16 gradients upcast. float64 inputs are left alone."""
+    seen = []
+    impl = getattr(llp, backend)
+
+    def spy(hidden, weight, *args, **kw):
+        seen.append((hidden.dtype, weight.dtype))
+        return impl(hidden, weight, *args, **kw)
+
+    monkeypatch.setattr(llp, backend, spy)
+    hidden, weight, target = make_case(7, 33, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = values_and_grads(backend, hidden, weight, target, softcap=2.0)
+    bf16 = values_and_grads(backend, hidden.bfloat16(), weight.bfloat16(), target, softcap=2.0)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2
+    for name, x, y in zip(("logp", "lse", "grad_hidden", "grad_weight"), ours, bf16):
+        assert x.dtype == torch.float32, name
+        assert torch.equal(x, y.float()), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values_and_grads(backend, hidden.double(), weight.double(), target)
+    assert seen[-1] == (torch.float64, torch.float64)
+
+
 def test_gradcheck_float64():
     """The custom backward equals finite differences in float64 (soft-cap, temperature, ignored rows,
     gradient flowing through both logp and lse)."""

@@ -208,6 +208,34 @@ def test_warmup_cosine_schedule():
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
 
 
+def test_bf16_autocast_reaches_linear_logprobs_in_bf16(small_policy, monkeypatch):
+    """Under torch.autocast("cpu", bfloat16) with fp32 weights, SequenceLogprobs hands the
+    linear_logprobs backend bf16 hidden states and a bf16 lm_head weight (the final norm's output
+    is fp32 there: the residual stream is fp32); lm_head's fp32 weight gets an fp32 gradient, and
+    log-probs stay within bf16 noise of the fp32 run."""
+    import importlib
+
+    llp = importlib.import_module("ctrlsafe.ops.linear_logprobs")
+    cpu, seen = llp.cpu, []
+
+    def spy(hidden, weight, *args, **kw):
+        seen.append((hidden.dtype, weight.dtype))
+        return cpu(hidden, weight, *args, **kw)
+
+    monkeypatch.setattr(llp, "cpu", spy)
+    policy = SequenceLogprobs(Transformer.from_pretrained(small_policy))
+    ids = torch.randint(3, policy.model.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+    fp32 = policy(ids, labels).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = policy(ids, labels)
+        logp.sum().backward()
+    assert seen == [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    assert logp.dtype == torch.float32 and policy.model.lm_head.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(logp.detach(), fp32, atol=0.02, rtol=0)
+
+
 def state_dict(path: Path) -> dict[str, torch.Tensor]:
     return Transformer.from_pretrained(path).state_dict()
 

@@ -11,6 +11,10 @@ logp = lse = 0 and no gradient. Both outputs are differentiable in hidden and we
 weighted sum of them can be backpropagated); gradients come back in the input dtype.
 Products accumulate in fp32 (float64 inputs, accepted for gradcheck, stay float64 throughout).
 Targets other than `ignore_index` must lie in [0, V).
+
+Under torch.autocast the op is a matmul like F.linear and casts the same way: hidden and weight
+(unless float64) go to the autocast dtype, so bf16 autocast with fp32 master weights runs the
+bf16 kernels, and the weight's gradient reaches the fp32 parameter through the cast.
 """
 import torch
 
@@ -19,10 +23,23 @@ from .dispatch import backend_for
 
 def linear_logprobs(hidden, weight, target, ignore_index=-100, *, return_lse=False,
                     softcap: float | None = None, temperature: float = 1.0, backend=None):
+    hidden, weight = autocast_operands(hidden, weight)
     check_inputs(hidden, weight, target, ignore_index, softcap, temperature)
     impl = {"reference": reference, "cpu": cpu, "triton": triton}[backend_for(hidden.device, backend)]
     logp, lse = impl(hidden, weight, target, ignore_index, softcap=softcap, temperature=temperature)
     return (logp, lse) if return_lse else logp
+
+
+def autocast_operands(hidden, weight):
+    """(hidden, weight) as autocast would hand them to a matmul: in the autocast dtype when it is
+    enabled for their device, float64 left alone; unchanged otherwise. The op needs this itself:
+    autocast only recasts the torch ops it knows, and under autocast the final hidden states are
+    fp32 (the residual stream adds fp32 embeddings to bf16 layer outputs)."""
+    kind = hidden.device.type
+    if not torch.is_autocast_enabled(kind):
+        return hidden, weight
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(x if x.dtype == torch.float64 else x.to(dtype) for x in (hidden, weight))
 
 
 def check_inputs(hidden, weight, target, ignore_index, softcap, temperature):
