@@ -14,7 +14,10 @@ Providers, all timed interleaved in one run:
   read           logits.amax(-1): one read of the logits, the physical limit of any sampler
 GB/s is one read of the logits (B*V*4 bytes) / median time for every provider. After the table,
 one line per case gives ctrlsafe's fraction of the plain read's bandwidth and its ratio to each
-provider, against the targets of issue 3.
+provider (the targets: issue 3, and issue 17 for flat), and on the CPU which top-p path its rows
+took (flat: subsample bracket; candidates: bound + compaction as the masses are computed). The
+run starts with the code the C++ kernel runs here (target clone, compaction path:
+CTRLSAFE_NO_AVX512=1 / CTRLSAFE_NO_AVX2=1 narrow it).
 
     python -m ctrlsafe.benchmarks.bench_sampling [--quick]
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ctrlsafe import _C
 from ctrlsafe.benchmark import Row, compare, main
 from ctrlsafe.sampling import sample
 
@@ -91,16 +95,25 @@ def case_rows(case: str, B: int, V: int, reps: int, device: str) -> list[Row]:
     if k:
         fns["topk"] = lambda: topk_sample(logits, T, k, p)
     fns["read"] = lambda: logits.amax(-1)
+    before = _C.sampling_counters()  # only the ctrlsafe cpu provider runs the C++ kernel
     rows = compare(f"sampling ({case})", f"B{B} V{V}", "fp32", fns, reference="reference", bytes_moved=B * V * 4,
                    work_items=B, unit="rows/s", reps=reps, device=device)
     by = {r.provider: r for r in rows}
     ours, read = by["ctrlsafe cpu"], by["read"]
+    paths = {k: v - before[k] for k, v in _C.sampling_counters().items()}
+    if device == "cpu":
+        ours.extra["isa"] = _C.sampling_isa()
+        ours.extra["top_p_paths"] = paths
     for r in rows:
         r.extra["fraction_of_plain_read"] = r.gbps / read.gbps
         r.extra["ctrlsafe_speedup"] = r.median_ms / ours.median_ms
     ratios = ", ".join(f"{r.extra['ctrlsafe_speedup']:.1f}x {name}" for name, r in by.items() if r is not ours and name != "read")
+    top_p_rows = sum(paths.values())
+    path_note = ("; top-p rows: " + ", ".join(f"{100 * v / top_p_rows:.0f}% {k}" for k, v in paths.items() if v)
+                 if device == "cpu" and top_p_rows else "")
     print(f"({case}) B{B} V{V}: ctrlsafe {ours.median_ms:.3f} ms = {ours.gbps:.1f} GB/s = "
-          f"{100 * ours.extra['fraction_of_plain_read']:.0f}% of a plain read ({read.gbps:.1f} GB/s); faster than: {ratios}")
+          f"{100 * ours.extra['fraction_of_plain_read']:.0f}% of a plain read ({read.gbps:.1f} GB/s); faster than: {ratios}"
+          f"{path_note}")
     return rows
 
 
@@ -137,6 +150,8 @@ def overhead_rows(reps: int) -> list[Row]:
 
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
     shapes, reps = (QUICK_SHAPES, 3) if quick else (FULL_SHAPES, 5)
+    if device == "cpu":
+        print(f"C++ sampling kernel on this CPU: {_C.sampling_isa()}")
     rows = overhead_rows(reps * 4) if device == "cpu" else []
     for B, V in shapes:
         for case in CASES:

@@ -5,21 +5,27 @@
 import pytest
 import torch
 
-from ctrlsafe.benchmarks.bench_sampling import CASES, FULL_SHAPES, QUICK_SHAPES, topk_sample, transformers_sample, vllm_sample
+from ctrlsafe.benchmarks.bench_sampling import CASES, FULL_SHAPES, QUICK_SHAPES, STD, topk_sample, transformers_sample, vllm_sample
 from ctrlsafe.sampling import sample
 
 
+@pytest.fixture(params=sorted(CASES))
+def case_name(request):
+    return request.param
+
+
+@pytest.fixture
+def case(case_name):
+    return CASES[case_name]
+
+
 @pytest.fixture(params=range(len(FULL_SHAPES)), ids=[f"B{B}-V{V}" for B, V in FULL_SHAPES])
-def logits(request, full, device):
+def logits(request, full, device, case_name):
+    """The case's logits: N(0, STD[case]^2), as bench_sampling draws them."""
     B, V = FULL_SHAPES[request.param]
     if not full and (B, V) not in QUICK_SHAPES:
         pytest.skip("full shape (run with --bench-full)")
-    return (torch.randn(B, V, generator=torch.Generator().manual_seed(0)) * 3).to(device)
-
-
-@pytest.fixture(params=sorted(CASES))
-def case(request):
-    return CASES[request.param]
+    return (torch.randn(B, V, generator=torch.Generator().manual_seed(0)) * STD[case_name]).to(device)
 
 
 def test_ctrlsafe(bench, logits, case):

@@ -9,8 +9,11 @@
 // of the row); the top-p threshold by bisection on kept mass over those; then one inverse-CDF
 // walk in vocabulary order. Top-p on a whole row (the common case) never stores the row's
 // masses: as each L1-sized block is exponentiated, only the values that can still be kept are
-// compacted (~28% of the row), and every later pass reads those. Masses are summed in double so
-// decisions match the float64 reference except within float rounding of a boundary.
+// compacted (~28% of the row), and every later pass reads those. A flat row (N(0, 1) logits at
+// T 0.8 keep half the vocabulary under top-p 0.9, and ~95% of it passes that bound) goes another
+// way: a 1/31 subsample brackets the cut, one tally and one compaction check the bracket on the
+// whole row, and the cut is searched among the ~5% of values inside it. Masses are summed in
+// double so decisions match the float64 reference except within float rounding of a boundary.
 //
 // Rows run in parallel (OpenMP); a batch smaller than the thread count also splits each row's
 // two full passes (max and exp) over fixed chunks, combined in a fixed order, so a row's result
@@ -220,6 +223,16 @@ REORDER_SUMS HOT Tally tally(const float* x, const float* w, int64_t n, float v)
   return {mass, count};
 }
 
+// The sum and the sum of squares of e[0..n), in double.
+REORDER_SUMS HOT std::pair<double, double> sum_and_squares(const float* e, int64_t n) {
+  double sum = 0.0, squares = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = e[i];
+    sum += v, squares += v * v;
+  }
+  return {sum, squares};
+}
+
 // Approximate mass of {e >= t[j]} for kProbes thresholds at once, in one pass: float sums per
 // kBlock elements (relative error below 1e-5) added in double. Cheap enough to narrow a search
 // that then finishes exactly.
@@ -236,11 +249,6 @@ REORDER_SUMS HOT void masses_above(const float* e, int64_t n, const float* t, do
     }
     for (int j = 0; j < kProbes; ++j) out[j] += s[j];
   }
-}
-
-// Kept mass (x >= tau) of each block of kBlock elements.
-void block_mass(const float* x, const float* e, int64_t n, float tau, double* out) {
-  for (int64_t b = 0; b * kBlock < n; ++b) out[b] = tally(x + b * kBlock, e + b * kBlock, std::min(kBlock, n - b * kBlock), tau).mass;
 }
 
 // A growable array that, unlike std::vector, does not zero what it grows into (the compaction
@@ -275,10 +283,16 @@ struct Run {
 // Copies the i of `in` with lo <= key[i] < hi (key is in.x or in.e) to c from position `at` on,
 // in order, and returns the new end; -1 once it passes `limit`. c needs room for 16 values past
 // the last one kept (see reserve) and may be `in` itself (in place: each 16 values are read
-// before anything is written over them). A branch per value would mispredict at the ~5-30%
-// densities top-p leaves, so AVX-512 compresses 16 values per step (storing only the kept
-// lanes: a full 64-byte store would almost always split a cache line) and other CPUs write
-// every value and advance by the predicate.
+// before anything is written over them). A branch per value would mispredict at the ~5-60%
+// densities top-p leaves, so the vector paths move a whole vector of values per step, kept
+// lanes first, and advance by the kept count; the portable loop writes every value and advances
+// by the predicate. Three paths, picked once per process (compaction_path):
+//   avx512  compress 16 lanes, storing only the kept ones (a full 64-byte store would almost
+//           always split a cache line);
+//   avx2    8 lanes permuted by a 256-entry table indexed by the compare mask, stored whole (the
+//           lanes past the kept ones are overwritten by the next step); AMD EPYC before Zen 4
+//           and most desktop CPUs have AVX2 but no AVX-512;
+//   scalar  everything else.
 #if defined(__GNUC__) && defined(__x86_64__)
 __attribute__((target("avx512f"))) int64_t compact_avx512(const Run& in, const float* key, float lo, float hi,
                                                            Compacted& c, int64_t at, int64_t limit) {
@@ -315,6 +329,54 @@ __attribute__((target("avx512f"))) int64_t compact_avx512(const Run& in, const f
     }
   return k <= limit ? k : -1;
 }
+
+// For each 8-bit keep mask, the lanes to move to the front, as 8 nibbles (lane j of the result
+// comes from lane (entry >> 4j) & 7): 1 KB, so it stays in L1 next to the data.
+struct PermuteTable {
+  uint32_t lanes[256];
+  constexpr PermuteTable() : lanes() {
+    for (int mask = 0; mask < 256; ++mask)
+      for (int j = 0, k = 0; j < 8; ++j)
+        if (mask >> j & 1) lanes[mask] |= uint32_t(j) << (4 * k++);
+  }
+};
+constexpr PermuteTable kPermute;
+
+__attribute__((target("avx2"))) int64_t compact_avx2(const Run& in, const float* key, float lo, float hi,
+                                                       Compacted& c, int64_t at, int64_t limit) {
+  const float *x = in.x, *e = in.e;
+  const int32_t* ids = in.ids;
+  const int64_t n = in.n;
+  float *cx = c.x.get(), *ce = c.e.get();
+  int32_t* ci = c.ids.get();
+  const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  const __m256i nibble = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low3 = _mm256_set1_epi32(7);
+  __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(int32_t(in.first)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  int64_t k = at, i = 0;
+  for (; i + 8 <= n; i += 8, idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8))) {
+    const __m256 kv = _mm256_loadu_ps(key + i);
+    __m256 keepv = _mm256_cmp_ps(kv, vlo, _CMP_GE_OQ);
+    if (hi != kInf) keepv = _mm256_and_ps(keepv, _mm256_cmp_ps(kv, vhi, _CMP_LT_OQ));
+    const int keep = _mm256_movemask_ps(keepv);
+    const __m256i perm = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int32_t(kPermute.lanes[keep])), nibble), low3);
+    // every load before the first store: in place, the stores reach up to 7 values past k <= i
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    const __m256i iv = ids ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ids + i)) : idx;
+    const __m256 ev = e ? _mm256_loadu_ps(e + i) : xv;
+    _mm256_storeu_ps(cx + k, _mm256_permutevar8x32_ps(xv, perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ci + k), _mm256_permutevar8x32_epi32(iv, perm));
+    if (e) _mm256_storeu_ps(ce + k, _mm256_permutevar8x32_ps(ev, perm));
+    k += __builtin_popcount(keep);
+    if (k > limit) return -1;
+  }
+  for (; i < n; ++i)
+    if (key[i] >= lo && key[i] < hi) {
+      cx[k] = x[i], ci[k] = ids ? ids[i] : int32_t(in.first + i);
+      if (e) ce[k] = e[i];
+      ++k;
+    }
+  return k <= limit ? k : -1;
+}
 #endif
 
 int64_t compact_scalar(const Run& in, const float* key, float lo, float hi, Compacted& c, int64_t at, int64_t limit) {
@@ -333,13 +395,52 @@ int64_t compact_scalar(const Run& in, const float* key, float lo, float hi, Comp
   return k;
 }
 
+// An environment switch: set to anything but "" or "0".
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v && std::strcmp(v, "0") != 0;
+}
+
+enum class Compaction { avx512, avx2, scalar };
+
+// The widest compaction this CPU runs, unless narrowed: CTRLSAFE_NO_AVX512=1 skips the AVX-512
+// one, CTRLSAFE_NO_AVX2=1 the AVX2 one (tests force each that way; read once per process).
+Compaction compaction_path() {
+  static const Compaction path = [] {
+#if defined(__GNUC__) && defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && !env_flag("CTRLSAFE_NO_AVX512")) return Compaction::avx512;
+    if (__builtin_cpu_supports("avx2") && !env_flag("CTRLSAFE_NO_AVX2")) return Compaction::avx2;
+#endif
+    return Compaction::scalar;
+  }();
+  return path;
+}
+
 int64_t compact(const Run& in, const float* key, float lo, float hi, Compacted& c, int64_t at, int64_t limit) {
 #if defined(__GNUC__) && defined(__x86_64__)
-  // CTRLSAFE_NO_AVX512=1 forces the portable loop (tests run it that way too)
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && !std::getenv("CTRLSAFE_NO_AVX512");
-  if (avx512) return compact_avx512(in, key, lo, hi, c, at, limit);
+  switch (compaction_path()) {
+    case Compaction::avx512: return compact_avx512(in, key, lo, hi, c, at, limit);
+    case Compaction::avx2: return compact_avx2(in, key, lo, hi, c, at, limit);
+    case Compaction::scalar: break;
+  }
 #endif
   return compact_scalar(in, key, lo, hi, c, at, limit);
+}
+
+// Which code ran, for benchmarks and tests: the target clone of the auto-vectorised loops (GCC's
+// resolver picks it by CPU; no switch narrows it) and the compaction path.
+std::string sampling_isa() {
+  std::string clone = "portable (no target clones)";
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  clone = __builtin_cpu_supports("x86-64-v4")   ? "x86-64-v4 (AVX-512)"
+          : __builtin_cpu_supports("x86-64-v3") ? "x86-64-v3 (AVX2+FMA)"
+                                                : "x86-64 baseline (SSE2)";
+#endif
+  const Compaction path = compaction_path();
+  return "loops " + clone + ", compaction " +
+         (path == Compaction::avx512 ? "avx512" : path == Compaction::avx2 ? "avx2" : "scalar");
 }
 
 // Room for a compaction that keeps at most n values into c (with masses when `masses`).
@@ -348,15 +449,22 @@ void reserve(Compacted& c, int64_t n, bool masses) {
   if (masses) c.e.get(n + 16);
 }
 
+// One bin of flat_bracket's histogram of a row's subsample.
+struct FlatBin {
+  double mass, squares;  // of the sampled masses e
+  int64_t count;
+};
+
 // Per-thread buffers, reused across calls (no allocation once warm).
 struct Scratch {
   std::vector<float> wide, e, block_max;
-  std::vector<double> later, hist;
+  std::vector<double> later;
   Compacted cand;
-  std::vector<double> blocks;
   Compacted kbuf;
   Compacted bracket;
   std::vector<std::pair<float, float>> tbuf;
+  std::vector<float> sample_x, sample_e;  // flat_bracket's subsample
+  std::vector<FlatBin> flat_bins;
 };
 
 Scratch& scratch() {
@@ -438,6 +546,12 @@ inline float key_float(int32_t k) {
   return f;
 }
 
+// A threshold search's answer: the value tau and the weight of {x >= tau}.
+struct Cut {
+  float tau;
+  double mass;
+};
+
 // The largest value tau of x such that the weight (w, or 1 each) of {x >= tau} reaches target,
 // given a bracket: at_lo = tally at lo (mass >= target) and hi with mass(x >= hi) < target.
 // Each step is one vectorised pass that moves lo or hi to a new value chosen by regula falsi on
@@ -445,8 +559,8 @@ inline float key_float(int32_t k) {
 // stalls); over a huge value range it bisects the float bit patterns instead. Once few values
 // remain between lo and hi they are sorted and walked exactly.
 // at_hi is the tally at hi (zero when hi is above every value).
-float weighted_threshold(const float* x, const float* w, int64_t n, float lo, Tally at_lo, float hi, double target,
-                         Scratch& s, Tally at_hi = {0.0, 0}) {
+Cut weighted_threshold(const float* x, const float* w, int64_t n, float lo, Tally at_lo, float hi, double target,
+                       Scratch& s, Tally at_hi = {0.0, 0}) {
   double w_lo = at_lo.mass, w_hi = at_hi.mass;  // tallies at the ends
   double f_lo = w_lo - target, f_hi = w_hi - target;  // regula falsi values (halved by Illinois)
   int64_t c_lo = at_lo.count, c_hi = at_hi.count;
@@ -479,44 +593,10 @@ float weighted_threshold(const float* x, const float* w, int64_t n, float lo, Ta
   for (size_t i = 0; i < buf.size();) {
     size_t j = i;
     for (; j < buf.size() && buf[j].first == buf[i].first; ++j) acc += buf[j].second;
-    if (acc >= target) return buf[i].first;
+    if (acc >= target) return {buf[i].first, acc};
     i = j;
   }
-  return buf.empty() ? lo : buf.back().first;  // rounding left the walk just short of target
-}
-
-// Bounds on the top-p cut in mass from one pass over the candidate masses e: a histogram of
-// their mass by the top bits of the float (exponent and 6 mantissa bits: 64 buckets per octave),
-// walked from the top. lo_e is the lower edge of the bucket where the mass from the top first
-// reaches target (with a margin for the histogram's sums), so {e >= lo_e} keeps top_p; hi_e is
-// that bucket's upper edge when the mass above it is short of target (else 0). Robust to flat
-// rows, where the bound from the sum keeps most of the row. False when the range is too wide.
-HOT bool mass_histogram_bounds(const float* e, int64_t n, double theta, double target, Scratch& s, double& lo_e,
-                               double& hi_e) {
-  constexpr int kShift = 17;
-  const int32_t base = __builtin_bit_cast(int32_t, float(theta * 0.25)) >> kShift;
-  const int32_t top = __builtin_bit_cast(int32_t, 2.0f) >> kShift;  // masses are <= 1 (up to rounding)
-  const int64_t nb = int64_t(top) - base + 1;
-  if (!(theta > 0.0) || nb < 2 || nb > (1 << 14)) return false;
-  std::vector<double>& h = s.hist;
-  h.assign(nb, 0.0);
-  double* hp = h.data();
-  for (int64_t i = 0; i < n; ++i) {
-    int32_t k = (__builtin_bit_cast(int32_t, e[i]) >> kShift) - base;
-    k = k < 0 ? 0 : (k > nb - 1 ? int32_t(nb - 1) : k);  // below theta / 4 (and zeros): bucket 0, never an edge
-    hp[k] += double(e[i]);
-  }
-  double cum = 0.0;
-  for (int64_t b = nb - 1; b > 0; --b) {
-    const double above = cum;
-    cum += hp[b];
-    if (cum >= target * (1 + 1e-4)) {
-      lo_e = double(__builtin_bit_cast(float, int32_t((b + base) << kShift)));
-      hi_e = above < target * (1 - 1e-4) ? double(__builtin_bit_cast(float, int32_t((b + 1 + base) << kShift))) : 0.0;
-      return lo_e > 0.0;
-    }
-  }
-  return false;
+  return {buf.empty() ? lo : buf.back().first, acc};  // rounding left the walk just short of target
 }
 
 struct RowParams {
@@ -530,39 +610,181 @@ struct RowResult {
   bool valid;
 };
 
+// Rows sampled by each top-p path since the module was loaded (_C.sampling_counters(): tests
+// check that a case took the path it is meant to cover, benchmarks print them).
+struct Counters {
+  std::atomic<int64_t> candidates{0}, flat{0}, flat_missed{0};
+};
+Counters counters;
 
-// Inverse CDF in vocabulary order over x >= tau, on masses e: the first element whose running
-// kept mass exceeds u * (kept mass). Returns the position and its probability.
-std::pair<int64_t, double> inverse_cdf(const float* x, const float* e, int64_t n, float tau, double u,
-                                       std::vector<double>& blocks) {
-  const int64_t nb = (n + kBlock - 1) / kBlock;
-  blocks.resize(nb);
-  block_mass(x, e, n, tau, blocks.data());
-  double total = 0.0;
-  for (int64_t b = 0; b < nb; ++b) total += blocks[b];
+// Inverse CDF in vocabulary order over x >= tau, on masses e whose kept total is `total`: the
+// first element whose running kept mass exceeds u * total. One pass that stops there: each
+// kBlock block's kept mass is tallied (vectorised) and added, and only the block where the
+// running mass crosses the target is walked value by value. Returns the position and its
+// probability; when float rounding leaves the target unreached (u near 1), the last kept element
+// with positive mass, as the reference does.
+std::pair<int64_t, double> inverse_cdf(const float* x, const float* e, int64_t n, float tau, double total, double u) {
   const double target = u * total;
   double cum = 0.0;
-  int64_t last = -1;  // last kept element with positive mass seen (rounding fallback)
-  for (int64_t b = 0; b < nb; ++b) {
-    if (blocks[b] > 0) {
-      if (cum + blocks[b] > target) {
-        for (int64_t i = b * kBlock; i < std::min(n, (b + 1) * kBlock); ++i) {
-          if (!(x[i] >= tau) || e[i] == 0.0f) continue;
-          cum += e[i];
-          last = i;
-          if (cum > target) return {i, double(e[i]) / total};
-        }
-      } else {
-        cum += blocks[b];
-        for (int64_t i = std::min(n, (b + 1) * kBlock) - 1; i >= b * kBlock; --i)
-          if (x[i] >= tau && e[i] > 0.0f) {
-            last = i;
-            break;
-          }
+  int64_t last = -1;  // last kept element with positive mass seen
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t end = std::min(n, b + kBlock);
+    const double mass = tally(x + b, e + b, end - b, tau).mass;
+    if (!(mass > 0.0)) continue;
+    if (cum + mass > target) {
+      for (int64_t i = b; i < end; ++i) {
+        if (!(x[i] >= tau) || e[i] == 0.0f) continue;
+        cum += e[i];
+        last = i;
+        if (cum > target) return {i, double(e[i]) / total};
       }
+    } else {
+      cum += mass;
+      for (int64_t i = end - 1; i >= b; --i)
+        if (x[i] >= tau && e[i] > 0.0f) {
+          last = i;
+          break;
+        }
     }
   }
   return {last, double(e[last]) / total};
+}
+
+// min-p as a value threshold: p >= min_p * max(p)  <=>  (x - m) / T >= log(min_p); the smallest
+// float meeting it.
+float min_p_floor(float m, float temperature, float min_p) {
+  const double bound = double(m) + double(temperature) * std::log(double(min_p));
+  float tm = float(bound);
+  if (double(tm) < bound) tm = std::nextafter(tm, kInf);
+  return tm;
+}
+
+// The values with e < (1 - top_p) * mass / count weigh less than (1 - top_p) * mass together, so
+// the values above reach top_p already: the top-p cut is at or above that mass.
+double top_p_bound(float top_p, double mass, int64_t count) { return (1.0 - double(top_p)) * mass / double(count); }
+
+// The x at which e = theta, a little lower (so float rounding can only widen the set above it).
+float mass_floor(float m, float temperature, double theta) {
+  return float(double(m) + double(temperature) * (std::log(theta) - 1e-3));
+}
+
+// Flat rows. Logits ~N(0, 1) at T 0.8 under top-p 0.9 keep half the vocabulary, and the bound
+// top_p_candidates derives from the row's mean mass keeps ~95% of it: every later pass over the
+// candidates costs a pass over the row, and finding the cut among them several. On such rows a
+// subsample brackets the cut first (flat_bracket), then sample_flat checks the bracket exactly
+// and searches only inside it.
+constexpr int kFlatBins = 512;       // histogram bins over the range the top-p cut can be in
+constexpr double kFlatSigmas = 4.0;  // bracket half-width, in standard errors of the estimate
+constexpr double kFlatMinSamples = 150;  // effective sample size (sum e)^2 / sum e^2 below which a row is not flat
+constexpr int64_t kFlatSide = 16;        // samples a bracket keeps on each side of the estimated cut
+
+// The subsample is every flat_stride(n)-th value: 1/31 of a long row, at least ~1024 values of a
+// shorter one, all of a row up to 2047 values. Odd, so a row with a period of 2 or 4 (masked
+// stretches, interleaved vocabularies) is sampled in every phase.
+int64_t flat_stride(int64_t n) { return std::clamp<int64_t>(n / 1024, 1, 31) | 1; }
+
+// Brackets the top-p cut of a row from its subsample: true with [lo, hi) in x when the row is
+// flat, false when its mass sits on too few values for an estimate or the bracket would hold
+// more than n/4 of them (a peaked row: the candidate path is cheaper there). A histogram of the
+// sample's masses by (m - x) / T estimates the share of the mass above each bin edge; the cut's
+// estimate is the bin where that share reaches top_p. The standard error of this ratio estimator
+// there, sqrt(sum e^2 (1[x above] - top_p)^2) / sum e, times kFlatSigmas on each side places the
+// ends of the bracket, which also keep kFlatSide samples on each side of the estimate (with fewer
+// values there, top_p near 0 or 1, the error is not that of a sum of many). The bracket is only a
+// guess: sample_flat checks it on the whole row.
+bool flat_bracket(const float* x, int64_t n, float m, float temperature, double invt, double top_p, Scratch& s, float& lo,
+                  float& hi) {
+  const int64_t stride = flat_stride(n), ns = (n + stride - 1) / stride;
+  std::vector<float>&xs = s.sample_x, &es = s.sample_e;
+  xs.resize(ns), es.resize(ns);
+  for (int64_t j = 0; j < ns; ++j) xs[j] = x[j * stride];
+  Ahead none;
+  exp_into(xs.data(), es.data(), ns, m, invt, none);
+  // A standard error means little with few effective samples (a row whose mass sits on a few
+  // values, sampled or not): such rows are peaked, not flat, and leave before the histogram.
+  const auto [total, squares] = sum_and_squares(es.data(), ns);
+  if (!(total * total >= kFlatMinSamples * squares)) return false;
+  // Masses below (1 - top_p) / n are never kept (top_p_bound, with the row's mass >= 1): the bins
+  // cover (m - x) / T in [0, log(n / (1 - top_p))], the last takes what is below.
+  const double span = std::log(double(n) / (1.0 - top_p));
+  const float per_x = float((kFlatBins - 1) / (span * double(temperature)));  // bins per unit of x
+  std::vector<FlatBin>& bins = s.flat_bins;
+  bins.assign(kFlatBins, FlatBin{0.0, 0.0, 0});
+  for (int64_t j = 0; j < ns; ++j) {
+    const float v = (m - xs[j]) * per_x;  // >= 0, +inf for x = -inf
+    FlatBin& bin = bins[int(std::min(v, float(kFlatBins - 1)))];
+    const double e = es[j];
+    bin.mass += e, bin.squares += e * e, ++bin.count;
+  }
+  for (int b = 1; b < kFlatBins; ++b)  // from here on, bins[b] sums bins 0..b
+    bins[b].mass += bins[b - 1].mass, bins[b].squares += bins[b - 1].squares, bins[b].count += bins[b - 1].count;
+  const auto upto = [&](int b) { return b < 0 ? FlatBin{0.0, 0.0, 0} : bins[b]; };
+  constexpr int last = kFlatBins - 2;  // the last bin in range
+  int cut = 0;
+  while (cut < last && bins[cut].mass < top_p * total) ++cut;
+  const double q = 1.0 - top_p, squares_above = upto(cut - 1).squares;
+  const double margin = kFlatSigmas * std::sqrt(squares_above * q * q + (squares - squares_above) * top_p * top_p) / total;
+  // hi: the top edge of the first bin where the mass from the top reaches top_p - margin; lo: the
+  // bottom edge of the first where it reaches top_p + margin (at the bottom of the range, which
+  // no cut is below, if none does)
+  int b_hi = 0, b_lo = cut;
+  while (b_hi < cut && bins[b_hi].mass < (top_p - margin) * total) ++b_hi;
+  while (b_hi > 0 && upto(cut - 1).count - upto(b_hi - 1).count < kFlatSide) --b_hi;
+  while (b_lo < last && (bins[b_lo].mass < (top_p + margin) * total || bins[b_lo].count - bins[cut].count < kFlatSide)) ++b_lo;
+  if ((bins[b_lo].count - upto(b_hi - 1).count) * stride > n / 4) return false;
+  hi = b_hi == 0 ? std::nextafter(m, kInf) : float(double(m) - b_hi / double(per_x));
+  lo = float(double(m) - (b_lo + 1) / double(per_x));
+  return true;
+}
+
+// Top-p (with min-p, if on) on a flat row, given flat_bracket's [lo, hi): the row's masses are
+// computed and kept (or taken from the split pass, with their sum z), the bracket checked exactly
+// (the mass of x >= hi short of the target, that of x >= lo reaching it) in one tally and one
+// compaction of the values inside it (~5% of the row), the cut searched among those only, and the
+// inverse CDF run over the row in one pass. If the check fails (the subsample misjudged the row:
+// ~1% of the rows near the effective-size limit, where a few values carry much of the mass, or
+// an adversarial layout) the values on the side of the bracket the cut is on are compacted and
+// searched.
+RowResult sample_flat(const float* x, int64_t n, const RowParams& p, const MaxStats& st, const float* e_row, double z,
+                      Ahead ahead, float lo, float hi, Scratch& s) {
+  const float m = st.max, above_max = std::nextafter(m, kInf);
+  const float* e = e_row;
+  if (!e) {
+    s.e.resize(n);
+    z = exp_sum(x, s.e.data(), n, m, 1.0 / double(p.temperature), ahead);
+    e = s.e.data();
+  }
+  const double target = double(p.top_p) * z;
+  const Tally above = hi < above_max ? tally(x, e, n, hi) : Tally{0.0, 0};
+  Compacted& c = s.cand;
+  reserve(c, n, true);
+  const int64_t nb = compact(Run{x, e, nullptr, 0, n}, x, lo, hi, c, 0, n);
+  const Tally inside = tally(c.x.get(), c.e.get(), nb, lo);
+  Cut cut;
+  if (above.mass < target && above.mass + inside.mass >= target) {
+    ++counters.flat;
+    cut = weighted_threshold(c.x.get(), c.e.get(), nb, lo, inside, hi, target - above.mass, s);
+    cut.mass += above.mass;
+  } else {
+    // The cut is above hi or below lo: the values on that side that can still be kept (below lo,
+    // down to top_p_bound's) are compacted and searched.
+    ++counters.flat_missed;
+    const bool up = above.mass >= target;
+    const float from = up ? hi : mass_floor(m, p.temperature, top_p_bound(p.top_p, z, n)), to = up ? kInf : lo;
+    const double beyond = up ? 0.0 : above.mass + inside.mass;  // the mass above the compacted side
+    const int64_t k = compact(Run{x, e, nullptr, 0, n}, x, from, to, c, 0, n);
+    const Tally side = tally(c.x.get(), c.e.get(), k, from);
+    cut = weighted_threshold(c.x.get(), c.e.get(), k, from, side, up ? above_max : lo, target - beyond, s);
+    cut.mass += beyond;
+  }
+  float tau = cut.tau;
+  double kept = cut.mass;
+  if (p.min_p > 0.0f) {
+    const float floor = min_p_floor(m, p.temperature, p.min_p);
+    if (floor > tau) tau = floor, kept = tally(x, e, n, tau).mass;
+  }
+  auto [pos, prob] = inverse_cdf(x, e, n, tau, kept, double(p.uniform));
+  return {pos, float(std::log(prob)), true};
 }
 
 // One row. `x` holds n floats (the row itself for fp32). A chunk-parallel pass may have computed
@@ -578,6 +800,10 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
     return {tok, 0.0f, true};
   }
   const double invt = 1.0 / double(p.temperature);
+  const bool k_on = p.top_k > 0 && p.top_k < n;
+  float lo, hi;
+  if (p.top_p < 1.0f && !k_on && flat_bracket(x, n, m, p.temperature, invt, p.top_p, s, lo, hi))
+    return sample_flat(x, n, p, st, e_row, z_row, ahead, lo, hi, s);
 
   // Working set: the whole row, or (top-k with small k) the k largest and their ties, compacted
   // in vocabulary order so every later pass reads ~k values instead of n.
@@ -585,7 +811,6 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
   const int32_t* wi = nullptr;  // vocabulary ids of a compacted working set
   int64_t wn = n;
   float tau = -kInf;  // the kept set is {x >= tau}
-  const bool k_on = p.top_k > 0 && p.top_k < n;
   if (k_on && !e_row && p.top_k * 16 <= n) {
     tau = kth_largest(x, n, p.top_k, s.kbuf);
     reserve(s.cand, n, false);
@@ -594,7 +819,7 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
   } else if (k_on) {
     const Tally finite = tally(x, nullptr, n, st.min);
     if (finite.count >= p.top_k)  // else fewer finite logits than k: top-k keeps them all
-      tau = weighted_threshold(x, nullptr, n, st.min, finite, above_max, double(p.top_k), s);
+      tau = weighted_threshold(x, nullptr, n, st.min, finite, above_max, double(p.top_k), s).tau;
   }
 
   // Masses of the working set. Top-p on a whole row never needs most of them: only the values
@@ -603,6 +828,7 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
   const float* e = e_row;
   double z_all = z_row;
   if (whole_top_p) {
+    ++counters.candidates;
     wn = top_p_candidates(x, e_row, block_max, n, m, invt, 1.0 - double(p.top_p), ahead, s, z_all);
     wx = s.cand.x.get(), e = s.cand.e.get(), wi = s.cand.ids.get();
   } else if (!e) {
@@ -613,33 +839,17 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
 
   // Lower bounds on the final threshold, from each filter that is on.
   float floor = tau;
-  if (p.min_p > 0.0f) {
-    // p >= min_p * max(p)  <=>  (x - m) / T >= log(min_p): the smallest float meeting it.
-    const double bound = double(m) + double(p.temperature) * std::log(double(p.min_p));
-    float tm = float(bound);
-    if (double(tm) < bound) tm = std::nextafter(tm, kInf);
-    floor = std::max(floor, tm);
-  }
+  if (p.min_p > 0.0f) floor = std::max(floor, min_p_floor(m, p.temperature, p.min_p));
   double top_p_target = 0.0;
-  float ceil_x = kInf;  // when finite, an upper bound on the top-p cut in x (checked below)
   if (p.top_p < 1.0f) {
     // The top-k survivors' mass (z_all when nothing was cut, or the working set is the survivors).
     const Tally kept = tau == -kInf || wi ? Tally{z_all, whole_top_p ? n : wn} : tally(wx, e, wn, std::max(tau, st.min));
     top_p_target = double(p.top_p) * kept.mass;
-    // The values with e < (1 - top_p) * mass / count weigh less than (1 - top_p) * mass together,
-    // so the values above reach top_p already: the cut is at or above that bound (taken a little
-    // lower in x, so float rounding can only widen the set).
-    double theta = (1.0 - double(p.top_p)) * kept.mass / double(kept.count);
+    double theta = top_p_bound(p.top_p, kept.mass, kept.count);  // the cut is at or above it
     // On a whole row, one more pass (over the candidates) raises that bound to the largest of a
     // few values spaced evenly in log e above it that still keep top_p of the mass (with a
     // margin for float sums).
-    // On a flat row (many candidates) a histogram of the candidates' masses brackets the cut to
-    // 1/64 octave instead, from above too.
-    double lo_e = 0.0, hi_e = 0.0;
-    if (whole_top_p && wn > n / 8 && mass_histogram_bounds(e, wn, theta, top_p_target, s, lo_e, hi_e)) {
-      theta = std::max(theta, lo_e);
-      if (hi_e > 0.0) ceil_x = float(double(m) + double(p.temperature) * (std::log(hi_e) + 1e-3));
-    } else if (whole_top_p) {
+    if (whole_top_p) {
       float t[kProbes];
       double above[kProbes];
       for (int j = 0; j < kProbes; ++j) t[j] = float(std::pow(theta, 1.0 - double(j + 1) / (kProbes + 1)));
@@ -647,7 +857,7 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
       for (int j = 0; j < kProbes; ++j)
         if (above[j] >= top_p_target * (1 + 1e-4)) theta = t[j];
     }
-    floor = std::max(floor, float(double(m) + double(p.temperature) * (std::log(theta) - 1e-3)));
+    floor = std::max(floor, mass_floor(m, p.temperature, theta));
   }
   // Nothing below the floor is ever drawn: compact what reaches it (typically a few percent of
   // the row) in vocabulary order, so the threshold search and the inverse CDF read only that. The
@@ -664,18 +874,10 @@ RowResult sample_row(const float* x, int64_t n, const RowParams& p, MaxStats st,
     const float lo = std::max(floor, st.min);
     const Tally at_lo = tally(wx, e, wn, lo);
     // Less than the target above lo means a top-k or min-p floor already cuts deeper than top-p.
-    if (at_lo.mass >= top_p_target) {
-      // an upper end of the bracket, used only if it is one (its mass exactly short of target)
-      Tally at_hi{0.0, 0};
-      float hi = above_max;
-      if (ceil_x > lo && ceil_x < above_max) {
-        const Tally t = tally(wx, e, wn, ceil_x);
-        if (t.mass < top_p_target) hi = ceil_x, at_hi = t;
-      }
-      tau = std::max(tau, weighted_threshold(wx, e, wn, lo, at_lo, hi, top_p_target, s, at_hi));
-    }
+    if (at_lo.mass >= top_p_target) tau = std::max(tau, weighted_threshold(wx, e, wn, lo, at_lo, above_max, top_p_target, s).tau);
   }
-  auto [pos, prob] = inverse_cdf(wx, e, wn, tau, double(p.uniform), s.blocks);
+  const double kept = tau == -kInf ? z_all : tally(wx, e, wn, tau).mass;  // no filter: the whole row's sum
+  auto [pos, prob] = inverse_cdf(wx, e, wn, tau, kept, double(p.uniform));
   return {wi ? wi[pos] : pos, float(std::log(prob)), true};
 }
 
@@ -841,4 +1043,18 @@ void register_sampling(pybind11::module_& m) {
         arg("logits"), arg("dtype"), arg("B"), arg("V"), arg("row_stride"), arg("temperature"),
         arg("temperature_value"), arg("top_k"), arg("top_k_value"), arg("top_p"), arg("top_p_value"), arg("min_p"),
         arg("min_p_value"), arg("uniforms"), arg("uniform_value"), arg("tokens"), arg("logprobs"), arg("valid"));
+  m.def("sampling_isa", &sampling_isa,
+        "The code sample_rows runs on this CPU: the target clone of its loops and its compaction path (avx512, "
+        "avx2 or scalar; CTRLSAFE_NO_AVX512=1 / CTRLSAFE_NO_AVX2=1 narrow it).");
+  m.def(
+      "sampling_counters",
+      []() {
+        return pybind11::dict(pybind11::arg("candidates") = counters.candidates.load(),
+                              pybind11::arg("flat") = counters.flat.load(),
+                              pybind11::arg("flat_missed") = counters.flat_missed.load());
+      },
+      "Rows sampled by each top-p path since load: candidates (bound + compaction as masses are computed), flat "
+      "(subsample bracket, checked), flat_missed (the check failed: search on the side of the bracket the cut is on).");
+  m.def("flat_stride", &flat_stride, "The stride of the subsample that brackets a flat row's top-p cut (V values).",
+        arg("V"));
 }

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from ctrlsafe import _C
 from ctrlsafe.ops.sampling import cpu, reference
 from ctrlsafe.sampling import counter_uniforms, sample
 
@@ -129,19 +130,106 @@ def test_cpu_top_p_candidate_bound_layouts(V, B):
                 assert assert_matches_reference(cpu, logits, *params) <= 1, (name, top_p, T)
 
 
-@pytest.mark.parametrize("V, B", [(4097, 8), (128256, 2), (70000, 1)])
-def test_cpu_top_p_on_flat_rows(V, B):
-    """Flat rows (std 1 and 0.1 logits, all equal, an equal row with one -inf stretch) keep most of
-    the vocabulary, which takes the histogram bound path: top-p there returns the reference's
-    tokens, on the row-parallel and the split-row (B = 1) paths."""
-    g = torch.Generator().manual_seed(V)
-    rows = {"std1": torch.randn(B, V, generator=g), "std0.1": 0.1 * torch.randn(B, V, generator=g),
-            "equal": torch.zeros(B, V), "equal+masked": torch.zeros(B, V).index_fill_(1, torch.arange(V // 3), float("-inf"))}
-    for name, logits in rows.items():
-        for top_p in (0.3, 0.8, 0.9, 0.999):
-            params = (torch.full((B,), 0.8), torch.zeros(B, dtype=torch.int64), torch.full((B,), top_p), torch.zeros(B),
-                      torch.rand(B, generator=g))
-            assert assert_matches_reference(cpu, logits, *params) <= 1, (name, top_p)
+def top_p_paths(fn):
+    """fn()'s result and how many rows each top-p path of the C++ kernel sampled meanwhile."""
+    before = _C.sampling_counters()
+    out = fn()
+    return out, {k: v - before[k] for k, v in _C.sampling_counters().items()}
+
+
+def top_p_rows(B: int, T: float, top_p: float, g: torch.Generator, min_p: float = 0.0):
+    """Per-row parameters of top-p (and min-p) alone: temperature, top_k 0, top_p, min_p, uniforms."""
+    return (torch.full((B,), T), torch.zeros(B, dtype=torch.int64), torch.full((B,), top_p), torch.full((B,), min_p),
+            torch.rand(B, generator=g))
+
+
+@pytest.mark.parametrize("V, B", [(1, 16), (7, 16), (33, 16), (4097, 8), (128256, 3), (128256, 1)])
+def test_flat_top_p_matches_reference_on_odd_vocab_sizes(V, B):
+    """Top-p alone on flat rows (std 1 and 0.3 logits, T 0.8 and 1) returns the reference's tokens
+    and logprobs for top_p 0.3 / 0.9 / 0.999, on the row-parallel (B > 1) and split-row (B = 1)
+    paths. The flat path (subsample bracket, checked) takes every row at V = 128256 and the
+    std-0.3 rows at V = 4097 (at std 1 its ~800-value sample is near the effective-size limit),
+    none misses, and rows below ~1000 values are too short for an estimate."""
+    g = torch.Generator().manual_seed(V + B)
+    flat = {}
+    for std in (1.0, 0.3):
+        logits = torch.randn(B, V, generator=g) * std
+        for T in (0.8, 1.0):
+            for top_p in (0.3, 0.9, 0.999):
+                boundary, paths = top_p_paths(lambda: assert_matches_reference(cpu, logits, *top_p_rows(B, T, top_p, g)))
+                assert boundary <= 1, (std, T, top_p)
+                assert paths["flat_missed"] == 0
+                flat[std] = flat.get(std, 0) + paths["flat"]
+    rows = 6 * B  # per std
+    assert flat == {1.0: rows if V == 128256 else (flat[1.0] if V == 4097 else 0), 0.3: rows if V >= 4097 else 0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_flat_top_p_edge_values(dtype):
+    """Flat rows at the edges, against the reference, on the row-parallel (B = 2) and split-row
+    (B = 1) paths: ties at the cut (logits on a 1/8 grid: the cut falls inside a group of ~1000
+    equal values, all kept together), top_p tiny (the max and its ties), 0.9 and just below 1,
+    -inf entries (every third, and a long stretch), all-equal rows (every token kept; too uniform
+    for a bracket, they take the candidate path), min-p above and below the top-p cut; fp32, fp16
+    and bf16 logits. The flat path takes the grid and masked rows at top_p 0.9."""
+    g = torch.Generator().manual_seed(7)
+    V = 70001
+    base = torch.randn(V, generator=g)
+    rows = {
+        "grid": torch.round(base * 8) / 8,
+        "every third -inf": base.masked_fill(torch.arange(V) % 3 == 1, float("-inf")),
+        "-inf stretch": base.masked_fill((torch.arange(V) > 5000) & (torch.arange(V) < 45000), float("-inf")),
+        "equal": torch.full((V,), 0.25),
+    }
+    below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
+    flat = set()
+    for name, row in rows.items():
+        for B in (1, 2):
+            logits = row.to(dtype).repeat(B, 1)
+            for top_p in (1e-7, 0.9, below_one):
+                for min_p in (0.0, 0.05, 0.5):
+                    params = top_p_rows(B, 0.8, top_p, g, min_p)
+                    boundary, paths = top_p_paths(lambda: assert_matches_reference(cpu, logits, *params))
+                    assert boundary <= 1, (name, B, top_p, min_p)
+                    if paths["flat"] == B:
+                        flat.add((name, B, top_p, min_p))
+    assert {(name, B, 0.9, 0.0) for name in ("grid", "every third -inf", "-inf stretch") for B in (1, 2)} <= flat
+
+
+def test_flat_rows_batch_invariance():
+    """A flat row gives the same token and logprob alone (split-row path) and inside a batch of 64
+    with other flat and peaked rows (row-parallel path), with top-p alone and with min-p."""
+    g = torch.Generator().manual_seed(9)
+    V = 128256
+    logits = torch.randn(64, V, generator=g) * torch.linspace(0.3, 3.0, 64)[:, None]
+    T, p, m = torch.full((64,), 0.8), torch.full((64,), 0.9), torch.where(torch.arange(64) % 2 == 0, 0.0, 0.01)
+    seeds = torch.randint(0, 2**40, (64,), generator=g)
+    batch, paths = top_p_paths(lambda: sample(logits, temperature=T, top_p=p, min_p=m, seed=seeds, step=5))
+    assert paths["flat"] >= 8  # the low-std rows
+    for r in (0, 1, 5, 20):
+        alone, paths = top_p_paths(lambda: sample(logits[r : r + 1], temperature=T[r : r + 1], top_p=p[r : r + 1],
+                                                   min_p=m[r : r + 1], seed=seeds[r : r + 1], step=5))
+        assert paths["flat"] == 1
+        assert int(alone.tokens[0]) == int(batch.tokens[r])
+        assert alone.logprobs[0].item() == batch.logprobs[r].item()
+
+
+@pytest.mark.parametrize("phase, side", [(5, "above"), (0, "below")])
+def test_flat_bracket_misses_are_searched(phase, side):
+    """When the subsample misjudges a flat row, the exact check catches it and the cut is searched
+    on the side it is on: spikes on positions the subsample skips (phase 5) put the cut above the
+    bracket, spikes on positions it samples (phase 0, weighed 31 times over) below it. Both rows
+    take the flat path, miss, and return the reference's tokens."""
+    g = torch.Generator().manual_seed(11)
+    V = 128256
+    stride = _C.flat_stride(V)
+    count, height = (500, 5.0) if side == "above" else (1000, 4.0)
+    row = torch.randn(V, generator=g) * 0.5
+    row[torch.arange(count) * stride + phase] += height
+    logits = row.repeat(4, 1)
+    boundary, paths = top_p_paths(lambda: assert_matches_reference(cpu, logits, *top_p_rows(4, 1.0, 0.9, g)))
+    assert boundary <= 1
+    assert paths["flat_missed"] == 4 and paths["flat"] == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -364,21 +452,33 @@ def test_import_does_not_pull_transformers():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_portable_compaction_matches_avx512():
-    """CPUs without AVX-512 compact with a scalar loop (CTRLSAFE_NO_AVX512=1 forces it here): the
-    compaction-dependent cases give the same tokens and logprobs both ways."""
+def test_compaction_paths_give_identical_tokens():
+    """The three compaction paths (AVX-512, AVX2, portable; CTRLSAFE_NO_AVX512=1 and
+    CTRLSAFE_NO_AVX2=1 force the narrower ones in a fresh process, as the choice is made once) each
+    report themselves and give the same tokens and logprobs, bit for bit, on the cases that compact:
+    flat rows (bracket), peaked rows (top-p candidates), top-k, min-p, a large top-k with top-p, and
+    a missed bracket."""
     code = """
 import json, torch
+from ctrlsafe import _C
 from ctrlsafe.ops.sampling import cpu
 g = torch.Generator().manual_seed(5)
-B = 16
-x = torch.randn(B, 4097, generator=g) * 3
+B, V = 8, 40961
+spiked = torch.randn(V, generator=g) * 0.5
+spiked[torch.arange(300) * _C.flat_stride(V) + 5] += 5.0
+logits = {"flat": torch.randn(B, V, generator=g), "peaked": torch.randn(B, V, generator=g) * 3, "spiked": spiked.repeat(B, 1)}
 row = lambda v, dt=torch.float32: torch.full((B,), v, dtype=dt)
-outs = [cpu(x, row(1.0), row(k, torch.int64), row(p), row(m), torch.rand(B, generator=g))
-        for k, p, m in [(0, 0.9, 0.0), (50, 1.0, 0.0), (0, 1.0, 0.1), (3000, 0.95, 0.0)]]
-print(json.dumps([(t.tolist(), lp.tolist()) for t, lp, _ in outs]))
+outs = [cpu(x, row(0.8), row(k, torch.int64), row(p), row(m), torch.rand(B, generator=g))
+        for x in logits.values() for k, p, m in [(0, 0.9, 0.0), (50, 1.0, 0.0), (0, 1.0, 0.1), (3000, 0.95, 0.0), (0, 0.5, 0.02)]]
+print(json.dumps({"isa": _C.sampling_isa(), "paths": _C.sampling_counters(),
+                  "out": [(t.tolist(), lp.tolist()) for t, lp, _ in outs]}))
 """
-    env = {k: v for k, v in os.environ.items() if k != "CTRLSAFE_NO_AVX512"}
-    runs = [subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=e).stdout
-            for e in (env, {**env, "CTRLSAFE_NO_AVX512": "1"})]
-    assert json.loads(runs[0]) == json.loads(runs[1])
+    env = {k: v for k, v in os.environ.items() if k not in ("CTRLSAFE_NO_AVX512", "CTRLSAFE_NO_AVX2")}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=e).stdout)
+            for e in (env, {**env, "CTRLSAFE_NO_AVX512": "1"}, {**env, "CTRLSAFE_NO_AVX512": "1", "CTRLSAFE_NO_AVX2": "1"})]
+    paths = [r["isa"].rsplit("compaction ", 1)[1] for r in runs]
+    # each switch narrows the path by one step where the CPU has it
+    expected = {"avx512": ["avx512", "avx2", "scalar"], "avx2": ["avx2", "avx2", "scalar"], "scalar": ["scalar"] * 3}
+    assert paths == expected[paths[0]]
+    assert all(r["paths"]["flat"] > 0 and r["paths"]["flat_missed"] > 0 and r["paths"]["candidates"] > 0 for r in runs)
+    assert runs[0]["out"] == runs[1]["out"] == runs[2]["out"]
