@@ -293,6 +293,20 @@ struct Run {
 //           lanes past the kept ones are overwritten by the next step); AMD EPYC before Zen 4
 //           and most desktop CPUs have AVX2 but no AVX-512;
 //   scalar  everything else.
+// The values i.. of `in` after a vector path's last full vector, one at a time, kept from c[k] on.
+int64_t compact_rest(const Run& in, const float* key, float lo, float hi, Compacted& c, int64_t i, int64_t k,
+                     int64_t limit) {
+  float *cx = c.x.get(), *ce = c.e.get();
+  int32_t* ci = c.ids.get();
+  for (; i < in.n; ++i)
+    if (key[i] >= lo && key[i] < hi) {
+      cx[k] = in.x[i], ci[k] = in.ids ? in.ids[i] : int32_t(in.first + i);
+      if (in.e) ce[k] = in.e[i];
+      ++k;
+    }
+  return k <= limit ? k : -1;
+}
+
 #if defined(__GNUC__) && defined(__x86_64__)
 __attribute__((target("avx512f"))) int64_t compact_avx512(const Run& in, const float* key, float lo, float hi,
                                                            Compacted& c, int64_t at, int64_t limit) {
@@ -321,13 +335,7 @@ __attribute__((target("avx512f"))) int64_t compact_avx512(const Run& in, const f
     k += count;
     if (k > limit) return -1;
   }
-  for (; i < n; ++i)
-    if (key[i] >= lo && key[i] < hi) {
-      cx[k] = x[i], ci[k] = ids ? ids[i] : int32_t(in.first + i);
-      if (e) ce[k] = e[i];
-      ++k;
-    }
-  return k <= limit ? k : -1;
+  return compact_rest(in, key, lo, hi, c, i, k, limit);
 }
 
 // For each 8-bit keep mask, the lanes to move to the front, as 8 nibbles (lane j of the result
@@ -369,13 +377,7 @@ __attribute__((target("avx2"))) int64_t compact_avx2(const Run& in, const float*
     k += __builtin_popcount(keep);
     if (k > limit) return -1;
   }
-  for (; i < n; ++i)
-    if (key[i] >= lo && key[i] < hi) {
-      cx[k] = x[i], ci[k] = ids ? ids[i] : int32_t(in.first + i);
-      if (e) ce[k] = e[i];
-      ++k;
-    }
-  return k <= limit ? k : -1;
+  return compact_rest(in, key, lo, hi, c, i, k, limit);
 }
 #endif
 

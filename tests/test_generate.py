@@ -181,13 +181,14 @@ def test_stop_strings(stories260k):
 @torch.no_grad()
 def test_batch_invariance(model):
     """The same request gives identical completions whatever max_rows / max_batch_tokens split it
-    into waves, and with prompt_keys the prompts' order and grouping do not matter either."""
+    into waves or refills, and with prompt_keys the prompts' order and grouping do not matter either."""
     prompts = random_prompts(97, [5, 30, 1, 12, 7])
     suffixes = [[4], [6, 7]]
     kw = dict(n=3, sampling=SAMPLING, max_new_tokens=10, seed=3)
     eos = [3, 11, 12, 13]
     base = Engine(model, eos_token_ids=eos).generate(prompts, suffixes, **kw)
-    for engine in (Engine(model, eos_token_ids=eos, max_rows=4), Engine(model, eos_token_ids=eos, max_batch_tokens=80)):
+    for engine in (Engine(model, eos_token_ids=eos, max_rows=4), Engine(model, eos_token_ids=eos, max_batch_tokens=80),
+                   Engine(model, eos_token_ids=eos, max_rows=4, refill=True)):
         seen = []
         got = engine.generate(prompts, suffixes, progress=seen.append, **kw)
         assert [key(c) for c in got] == [key(c) for c in base]
@@ -422,8 +423,8 @@ def test_refill_admits_waiting_rows_into_freed_slots(model, monkeypatch):
     prompts = random_prompts(97, [2, 23, 9])
     suffixes = [[4, 5], [], [8, 9, 10]]
     eos = [3, 11, 12, 13, 14, 15, 16, 17]
-    outs = Engine(model, eos_token_ids=eos, max_rows=5).generate(prompts, suffixes, n=3, sampling=SAMPLING,
-                                                                  max_new_tokens=12, seed=7)
+    outs = Engine(model, eos_token_ids=eos, max_rows=5, refill=True).generate(prompts, suffixes, n=3, sampling=SAMPLING,
+                                                                               max_new_tokens=12, seed=7)
     ref = reference_rows(model, prompts, suffixes, 3, SAMPLING, 12, 0, eos, seed=7)
     for c in outs:
         toks, lps, reason, _ = ref[c.prompt_index, c.control_index, c.sample_index]
