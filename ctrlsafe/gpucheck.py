@@ -567,12 +567,12 @@ def stage_throughput(ctx: Context):
     dev = str(ctx.device)
     reps = 3 if ctx.dry else 10
 
-    def sampler():
+    def sampler(B):
         from ctrlsafe.benchmarks.bench_sampling import topk_sample, vllm_sample
 
         from .sampling import sample
 
-        B, V = (2, 1000) if ctx.dry else (64, 128256)
+        V = 1000 if ctx.dry else 128256
         T, k, p = 0.8, 50, 0.9
         logits = (torch.randn(B, V, generator=torch.Generator().manual_seed(0)) * 3).to(ctx.device)
         t_rows, k_rows, p_rows = (torch.full((B,), v, device=ctx.device) for v in (T, k, p))
@@ -591,7 +591,8 @@ def stage_throughput(ctx: Context):
         figs["ctrlsafe_fraction_of_read"] = round(by["ctrlsafe"].gbps / by["read"].gbps, 3)
         return True, figs
 
-    ctx.run("throughput", "sampler", sampler)
+    for B in (1, 2) if ctx.dry else (1, 64, 256):  # B=1: latency; B=256: throughput
+        ctx.run("throughput", f"sampler_B{B}", lambda B=B: sampler(B))
 
     def logprobs():
         from ctrlsafe.benchmarks.bench_logprobs import Work, inputs, providers
