@@ -185,7 +185,6 @@ class _GraphedDecode:
     logits are this step's), then captured into the engine's graph memory pool."""
 
     def __init__(self, forward, tok, positions, cache, pool):
-        self.rows = tok.shape[0]
         self.tok, self.positions = tok.clone(), positions.clone()
         cache.static_shapes = True
         side = torch.cuda.Stream()
@@ -399,12 +398,12 @@ class Engine:
         n = len(batch.rows) if batch is not None else 0
         prompts = {r.prompt for r in batch.rows} if batch is not None else set()
         longest = max((len(req.prompts[p]) for p in prompts), default=0)
-        m = 0
+        slot, m = req.suffix_capacity, 0
         for row in req.rows[start:]:
             grown = prompts | {row.prompt}
             new_longest = max(longest, len(req.prompts[row.prompt]))
             rows = n + m + 1
-            if rows > 1 and (rows > self.max_rows or len(grown) * new_longest + rows * req.suffix_capacity > self.max_batch_tokens):
+            if rows > 1 and (rows > self.max_rows or len(grown) * new_longest + rows * slot > self.max_batch_tokens):
                 break
             prompts, longest, m = grown, new_longest, m + 1
         return m
@@ -503,18 +502,16 @@ class Engine:
         each (prompt, control) suffix once on top. Returns (cache, store, batch)."""
         dev, n = self.device, len(batch.rows) if batch is not None else 0
         new = sorted({r.prompt for r in rows} - set(store))
+        store = store + new  # new prompts go after those in the prefix store
+        local = {p: i for i, p in enumerate(store)}
+        prefix_of = torch.tensor([local[r.prompt] for r in rows], device=dev)
         if cache is None:
-            store = new
-            local = {p: i for i, p in enumerate(store)}
-            cache = PrefixCache.from_prompts(self.model, [req.prompts[p] for p in new],
-                                             torch.tensor([local[r.prompt] for r in rows], device=dev), req.suffix_capacity)
+            cache = PrefixCache.from_prompts(self.model, [req.prompts[p] for p in new], prefix_of, req.suffix_capacity)
         else:
             if new:
                 cache.add_prompts(self.model, [req.prompts[p] for p in new])
-                store = store + new
-            local = {p: i for i, p in enumerate(store)}
             cache.grow(n + len(rows))
-            cache.row_prefix[n : n + len(rows)] = torch.tensor([local[r.prompt] for r in rows], device=dev)
+            cache.row_prefix[n : n + len(rows)] = prefix_of
         units = sorted({(r.prompt, r.control) for r in rows})  # (prompt, control) pairs, each prefilled once
         unit_index = {u: i for i, u in enumerate(units)}
         row_unit = torch.tensor([unit_index[(r.prompt, r.control)] for r in rows], device=dev)
